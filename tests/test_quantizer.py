@@ -1,0 +1,278 @@
+"""Invariants of the straightened VQ layer (METHOD.md section 2), parametrized over its options."""
+import itertools
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
+from tokenizer.kmeans import kmeans, nearest_code, perplexity
+
+SGD = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
+
+OPTION_SETS = [
+    dict(),
+    dict(norm="l2", cb_norm="l2"),
+    dict(affine_lr=2.0, affine_groups=4),
+    dict(running_affine=True),
+    dict(sync_nu=0.5),
+    dict(inplace_optimizer=SGD),
+    dict(kmeans_init=True, replace_freq=2),
+    dict(kmeans_init=True, affine_lr=2.0, sync_nu=0.2, replace_freq=3, inplace_optimizer=SGD, beta=0.98),
+]
+
+
+def _train_steps(vq, n=3, shape=(4, 8, 5, 5)):
+    for _ in range(n):
+        vq(torch.randn(shape) * 2 + 0.5)[1]["loss"].backward()
+        vq.zero_grad()
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+def test_forward_value_is_effective_code_and_decode_matches(opts):
+    torch.manual_seed(0)
+    vq = VectorQuant(8, 32, dim=1, **opts)
+    _train_steps(vq)
+    z = torch.randn(4, 8, 5, 5, requires_grad=True)
+    z_q, info = vq(z)
+    assert z_q.shape == z.shape and info["q"].shape == (4, 5, 5)
+    codebook = vq.get_codebook().detach()
+    assert torch.equal(z_q.detach(), codebook[info["q"]].permute(0, 3, 1, 2))
+    vq.eval()  # (in training, the in-place step moves codes after the assignment)
+    z_q, info = vq(z)
+    # the chosen code is the nearest one of the effective codebook
+    zf = info["z"].detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    brute = torch.cdist(zf, codebook).argmin(1)
+    chosen = (zf - codebook[info["q"].reshape(-1)]).norm(dim=1)
+    assert torch.allclose(chosen, (zf - codebook[brute]).norm(dim=1), atol=1e-5)
+    assert torch.equal(vq.decode(info["q"]), z_q)
+
+
+@pytest.mark.parametrize("nu", [0.0, 0.5, 2.0])
+def test_encoder_gets_ste_gradient_and_codes_get_sync_gradient(nu):
+    torch.manual_seed(1)
+    vq = VectorQuant(6, 10, sync_nu=nu)
+    z = torch.randn(50, 6, requires_grad=True)
+    z_q, info = vq(z)
+    g = torch.randn_like(z_q)
+    (z_q * g).sum().backward()  # task loss only: no VQ loss
+    assert torch.allclose(z.grad, g)  # straight-through: encoder gets exactly g
+    expected = torch.zeros(10, 6).index_add_(0, info["q"], g) * nu
+    assert torch.allclose(vq.codebook.weight.grad, expected, atol=1e-6)
+
+
+def test_loss_is_beta_tradeoff():
+    torch.manual_seed(2)
+    beta = 0.8
+    vq = VectorQuant(4, 16, beta=beta)
+    z = torch.randn(30, 4, requires_grad=True)
+    z_q, info = vq(z)
+    mse = F.mse_loss(z.detach(), info["z_q"].detach())
+    assert torch.allclose(info["loss"], mse)  # both terms have the same value
+    info["loss"].backward()
+    # encoder part: (1 - beta) * d/dz mean((z - sg zq)^2)
+    assert torch.allclose(z.grad, (1 - beta) * 2 * (z - info["z_q"]).detach() / z.numel(), atol=1e-7)
+    assert vq.codebook.weight.grad.abs().sum() > 0
+
+
+def test_affine_identity_at_init_and_moves_unassigned_codes():
+    torch.manual_seed(3)
+    vq = VectorQuant(8, 64, affine_lr=5.0)
+    assert torch.equal(vq.get_codebook(), vq.codebook.weight)
+    opt = torch.optim.Adam(vq.parameters(), lr=1e-2)
+    before = vq.get_codebook().detach().clone()
+    used = set()
+    for _ in range(20):
+        z = torch.randn(4, 8) * 0.1 + 3.0  # few vectors, far away: most codes are never assigned
+        _, info = vq(z)
+        used |= set(info["q"].tolist())
+        opt.zero_grad()
+        info["loss"].backward()
+        opt.step()
+    unused = sorted(set(range(64)) - used)
+    assert len(unused) > 40
+    moved = (vq.get_codebook().detach() - before)[unused].norm(dim=1)
+    assert (moved > 1e-3).all()  # shared affine parameters move codes that received no assignment
+
+
+def test_running_affine_tracks_statistics():
+    torch.manual_seed(4)
+    vq = VectorQuant(8, 64, running_affine=True)
+    for _ in range(30):
+        vq(torch.randn(256, 8) * 3 + 5)
+    c = vq.get_codebook()
+    assert torch.allclose(c.mean(0), torch.full((8,), 5.0), atol=0.6)
+    assert torch.allclose(c.std(0), torch.full((8,), 3.0), atol=0.8)
+
+
+@pytest.mark.parametrize("affine", [dict(), dict(affine_lr=3.0)])
+def test_inplace_step_lowers_codebook_loss_without_stray_gradients(affine):
+    torch.manual_seed(5)
+    vq = VectorQuant(8, 16, inplace_optimizer=lambda p: torch.optim.SGD(p, lr=5.0), **affine)
+    if affine:
+        with torch.no_grad():
+            vq.affine_scale.fill_(0.1)
+    z = torch.randn(64, 8)
+    with torch.no_grad():
+        q = nearest_code(z, vq.get_codebook())
+        before = F.mse_loss(vq.get_codebook()[q], z)
+    pre_grad = torch.randn_like(vq.codebook.weight)
+    vq.codebook.weight.grad = pre_grad.clone()  # as if a previous micro-batch had accumulated this
+    z_q, info = vq(z)
+    after = F.mse_loss(info["z_q"].detach(), z)
+    assert torch.equal(info["q"], q) and after < before
+    assert torch.equal(vq.codebook.weight.grad, pre_grad)  # the main optimizer sees no in-place grads
+    if affine:
+        assert vq.affine_scale.grad is None and vq.affine_bias.grad is None
+    # the returned z_q comes from the updated effective codebook, not the stale one
+    assert torch.equal(info["z_q"].detach(), vq.get_codebook().detach()[q])
+
+
+def test_kmeans_init_beats_random_init_also_with_fewer_vectors_than_codes():
+    torch.manual_seed(6)
+    centers = torch.randn(16, 4) * 4
+    data = centers[torch.randint(16, (512,))] + 0.1 * torch.randn(512, 4)
+
+    def err(vq, z):
+        vq.eval()
+        return vq(z)[1]["d"].mean()
+
+    for n, k in ((512, 16), (10, 32)):
+        z = data[:n]
+        random_vq, km_vq = VectorQuant(4, k), VectorQuant(4, k, kmeans_init=True)
+        km_vq.train()(z)
+        assert km_vq.codebook.weight.shape == (k, 4)  # never shrinks
+        assert bool(km_vq.kmeans_done)
+        assert err(km_vq, z) < 0.2 * err(random_vq, z)
+    assert torch.cdist(kmeans(data, 16), centers).min(0).values.max() < 0.5  # finds every cluster
+
+
+def test_dead_codes_are_revived():
+    torch.manual_seed(7)
+    vq = VectorQuant(4, 32, replace_freq=5, affine_lr=2.0)
+    with torch.no_grad():
+        vq.affine_scale.fill_(0.3)
+        vq.affine_bias.fill_(-0.2)
+    z_all = torch.randn(128, 4) + 10.0  # far from every initial code: one code takes everything
+    _, info = vq(z_all)
+    assert info["codes_used"] * 32 <= 4
+    alive = info["q"].unique()
+    for _ in range(4):
+        vq(z_all)
+    _, info = vq(z_all)  # step 5: replacement, then assignment to the revived codes
+    assert info["codes_used"] * 32 >= 20
+    dead = torch.ones(32, dtype=torch.bool)
+    dead[alive] = False
+    # the *effective* dead codes were written near real encoder outputs (the affine map was inverted)
+    assert torch.cdist(vq.get_codebook().detach()[dead], z_all).min(1).values.max() < 0.5
+
+
+def test_perplexity_and_usage_match_direct_computation():
+    torch.manual_seed(8)
+    vq = VectorQuant(4, 8)
+    _, info = vq(torch.randn(200, 4))
+    counts = torch.bincount(info["q"], minlength=8).double()
+    p = counts / counts.sum()
+    direct = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+    assert torch.allclose(info["perplexity"].double(), direct, rtol=1e-5)
+    assert info["codes_used"].item() == (counts > 0).float().mean().item()
+    assert perplexity(torch.ones(8)).item() == pytest.approx(8.0, rel=1e-5)
+
+
+def test_fp32_under_autocast_and_bf16_input():
+    torch.manual_seed(9)
+    vq = VectorQuant(8, 16)
+    z = torch.randn(20, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, info = vq(z)
+    assert z_q.dtype == torch.bfloat16 and info["loss"].dtype == torch.float32 and info["z_q"].dtype == torch.float32
+
+
+def test_chunked_search_equals_brute_force():
+    torch.manual_seed(10)
+    z, c = torch.randn(1000, 16), torch.randn(300, 16)
+    assert torch.equal(nearest_code(z, c, chunk_elems=3000), torch.cdist(z, c).argmin(1))
+
+
+def test_large_search_never_allocates_full_matrix():
+    # K = N = 65,536: the full fp32 matrix would be 16 GiB; chunked search peaks far below that.
+    torch.manual_seed(11)
+    z, c = torch.randn(65536, 4), torch.randn(65536, 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    q = nearest_code(z, c)
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+    assert q.shape == (65536,) and grown_gib < 1.0
+    sample = torch.arange(0, 65536, 4099)
+    assert torch.equal(q[sample], torch.cdist(z[sample], c).argmin(1))
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (dict(beta=1.5), ValueError), (dict(norm="l2c"), ValueError), (dict(cb_norm="unit"), ValueError),
+    (dict(affine_groups=3), ValueError), (dict(affine_lr=1.0, running_affine=True), ValueError),
+    (dict(num_codes=0), ValueError),
+])
+def test_bad_options_raise(bad, exc):
+    kwargs = dict(feature_size=8, num_codes=16) | bad
+    with pytest.raises(exc) as e:
+        VectorQuant(**kwargs)
+    assert "got" in str(e.value)
+
+
+def test_bad_inputs_raise():
+    vq = VectorQuant(8, 16, dim=1)
+    with pytest.raises(ValueError, match="feature size 8 on dim 1"):
+        vq(torch.randn(2, 7, 3, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        vq(torch.ones(2, 8, 3, 3, dtype=torch.long))
+    z = torch.randn(2, 8, 3, 3)
+    z[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vq(z)
+
+
+@pytest.mark.parametrize("cls,share", list(itertools.product([GroupVectorQuant, ResidualVectorQuant], [True, False])))
+def test_group_and_residual(cls, share):
+    torch.manual_seed(12)
+    stateful = dict(replace_freq=2, inplace_optimizer=SGD)
+    if cls is ResidualVectorQuant and share:  # refused: see test below
+        stateful = dict()
+    vq = cls(16, 32, groups=4, share=share, dim=1, kmeans_init=True, affine_lr=1.0, sync_nu=0.3, **stateful)
+    z = torch.randn(3, 16, 4, 4, requires_grad=True)
+    for _ in range(3):
+        z_q, info = vq(z)
+    assert z_q.shape == z.shape and info["q"].shape == (3, 4, 4, 4) and info["loss"].dim() == 0
+    g = torch.randn_like(z_q)
+    ((z_q * g).sum() + info["loss"]).backward()
+    assert torch.isfinite(z.grad).all()
+    vq.eval()
+    z_q, info = vq(z)
+    assert torch.allclose(vq.decode(info["q"]), z_q, atol=1e-6)
+    if not share:  # every group/stage's in-place optimizer is bound to its own, live codebook
+        for sub in vq.vqs:
+            assert sub.inplace_optimizer.param_groups[0]["params"][0] is sub.codebook.weight
+    if cls is ResidualVectorQuant and not share:  # more stages quantize better than one
+        one = ResidualVectorQuant(16, 32, groups=1, dim=1, kmeans_init=True)
+        one.train()(z)
+        one.eval()
+        assert info["d"].mean() < one(z)[1]["d"].mean()
+
+
+def test_residual_shared_codebook_refuses_inplace_step():
+    with pytest.raises(ValueError, match="share"):
+        ResidualVectorQuant(16, 32, groups=2, share=True, inplace_optimizer=SGD)
+    with pytest.raises(ValueError, match="share"):
+        ResidualVectorQuant(16, 32, groups=2, share=True, replace_freq=10)
+
+
+def test_state_dict_round_trip_keeps_quantizer_state():
+    torch.manual_seed(13)
+    vq = VectorQuant(8, 16, kmeans_init=True, running_affine=True, inplace_optimizer=SGD, replace_freq=4)
+    _train_steps(vq, shape=(64, 8))
+    state = vq.state_dict()
+    fresh = VectorQuant(8, 16, kmeans_init=True, running_affine=True, inplace_optimizer=SGD, replace_freq=4)
+    fresh.load_state_dict(state)
+    assert bool(fresh.kmeans_done) and int(fresh.step) == 3
+    assert fresh.inplace_optimizer.state_dict()["state"]  # momentum restored
+    z = torch.randn(10, 8)
+    assert torch.equal(fresh.eval()(z)[0], vq.eval()(z)[0])

@@ -1,0 +1,116 @@
+"""Self-describing checkpoints, written atomically and loaded without executing code.
+
+A checkpoint is one file holding a dict of tensors and plain Python values only:
+
+    {"format": "straight-maskgit", "version": 1, "kind": "tokenizer" | "maskgit",
+     "config": {...}, "step": int, "model": state_dict, "ema": state_dict,
+     "optimizer": ..., "rng": ..., "extra": {...}}
+
+It is saved with ``torch.save`` to a temporary file in the same directory, fsync'ed and renamed over
+the target (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the old or the
+new file, never a torn one. It is loaded with ``torch.load(weights_only=True)``: a pickle that tries
+to build arbitrary objects (the classic ``__reduce__`` exploit) is refused before anything runs.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "straight-maskgit"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, unsafe or of the wrong kind."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Atomically write ``payload`` (tensors and plain values only) to ``path``."""
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint in {path.parent}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"could not save checkpoint {path}: {why}; the previous checkpoint is intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; ``kind`` ("tokenizer" / "maskgit") is checked when given."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(f"refused to load {path}: it is not a plain-tensor checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, but a {kind!r} checkpoint was expected here")
+    return ckpt
+
+
+def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:
+    """First ``prefix`` hex digits of the file's sha256 (used to tie code files to a tokenizer)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:prefix]
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states a resumed run needs, as tensors / plain values (weights_only-safe)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
