@@ -15,6 +15,10 @@ from torch import Tensor, nn
 from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
 
 NORMS = (None, "l2")
+
+
+class NonFiniteInputError(ValueError):
+    """The quantizer's input holds NaN/inf: the encoder diverged (training scripts catch this)."""
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -155,7 +159,7 @@ class VectorQuant(nn.Module):
             raise ValueError(f"VectorQuant expects feature size {self.feature_size} on dim {self.dim}, "
                              f"got input of shape {tuple(z_e.shape)}")
         if not torch.isfinite(z_e).all():
-            raise ValueError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
+            raise NonFiniteInputError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
         self._check_input(z_e)

@@ -128,3 +128,53 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             raise ConfigError(f"config key '{key}' is a section; set one of its fields instead")
         node[parts[-1]] = value.strip()
     return from_dict(type(cfg), tree)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimization settings shared by both training scripts (AdamW, warmup + cosine decay)."""
+
+    steps: int = 1000
+    batch_size: int = 32  # per process
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (the quantizer always runs in fp32)
+    seed: int = 0
+    nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at the first NaN/inf loss
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"optim: need lr > 0, warmup_steps >= 0, grad_clip >= 0, 0 <= ema_decay < 1; got "
+                              f"lr={self.lr}, warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
+                              f"ema_decay={self.ema_decay}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {self.betas}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"optim.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"optim.nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
+
+
+@dataclasses.dataclass
+class LogConfig:
+    """How often to log, write image grids and checkpoints (in optimizer steps)."""
+
+    log_every: int = 50
+    image_every: int = 500
+    ckpt_every: int = 500
+    val_batches: int = 0  # batches of the validation split for the final metrics; 0 = the whole split
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "image_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"log.{name} must be positive, got {getattr(self, name)}")
+        if self.val_batches < 0:
+            raise ConfigError(f"log.val_batches must be >= 0, got {self.val_batches}")

@@ -1,0 +1,312 @@
+"""Invariants of MaskGIT decoding (schedule-exact counts, inpainting, CFG, seeds) and the
+sequential baseline, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformer import SCHEDULES, MaskGIT, MaskGITConfig, maskgit_decode, sequential_decode
+from transformer.decoding import _sample
+
+K, GRID, N = 16, (4, 4), 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine thread
+    contention makes these tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+SPEC_GAMMA = {  # METHOD.md sec. 5, written independently of transformer/schedule.py
+    "cosine": lambda r: math.cos(math.pi / 2 * r),
+    "linear": lambda r: 1 - r,
+    "square": lambda r: 1 - r**2,
+    "sqrt": lambda r: 1 - math.sqrt(r),
+    "arccos": lambda r: math.acos(r) / (math.pi / 2),
+}
+
+
+def tiny(**overrides) -> MaskGIT:
+    torch.manual_seed(0)
+    cfg = dict(num_codes=K, grid=GRID, dim=32, depth=1, heads=2)
+    return MaskGIT(MaskGITConfig(**{**cfg, **overrides})).eval()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def count_calls(model: nn.Module) -> list[int]:
+    """Wrap model.forward to record the batch size of every call."""
+    calls, forward = [], model.forward
+
+    def wrapped(tokens, *args, **kwargs):
+        calls.append(tokens.shape[0])
+        return forward(tokens, *args, **kwargs)
+
+    model.forward = wrapped
+    return calls
+
+
+def expected_fixed(n_gen: int, steps: int, name: str) -> list[int]:
+    """Tokens fixed per step by the METHOD.md rule: keep floor(gamma((t+1)/T) n_gen) masked,
+    clipped to [1, masked - 1] before the last step (never below 0), 0 after the last."""
+    masked, out = n_gen, []
+    for t in range(steps):
+        if t == steps - 1:
+            keep = 0
+        else:
+            keep = max(min(max(math.floor(SPEC_GAMMA[name]((t + 1) / steps) * n_gen), 1), masked - 1), 0)
+        out.append(masked - keep)
+        masked = keep
+    return out
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 4, 8, 16, 20])
+def test_full_generation_follows_schedule_exactly(name, steps):
+    model = tiny()
+    tokens, fixed = maskgit_decode(model, 3, gen(), steps=steps, schedule=name, return_history=True)
+    assert tokens.shape == (3, N) and tokens.dtype == torch.long
+    assert tokens.min() >= 0 and tokens.max() < K  # no mask token left after T steps
+    assert fixed.shape == (3, steps)
+    for row in fixed.tolist():
+        assert row == expected_fixed(N, steps, name)
+    # Every step fixes at least one token while any remain (front-loaded schedules such as sqrt
+    # with T = N finish early; those late steps then have nothing left to fix).
+    done_before = fixed.cumsum(1) - fixed
+    assert (fixed[done_before < N] >= 1).all()
+    assert (fixed.sum(1) == N).all()
+
+
+def test_cosine_eight_steps_counts():
+    # Hand-computed from floor(cos(pi/2 (t+1)/8) * 16): 15, 14, 13, 11, 8, 6, 3, 0 left masked.
+    _, fixed = maskgit_decode(tiny(), 1, gen(), return_history=True)
+    assert fixed[0].tolist() == [1, 1, 1, 2, 3, 2, 3, 3]
+
+
+def test_inpainting_keeps_known_tokens_and_schedules_the_region():
+    model = tiny()
+    g = gen(1)
+    init = torch.randint(0, K, (3, N), generator=g)
+    region = torch.zeros(3, N, dtype=torch.bool)
+    region[0, :8] = True  # top half
+    region[1, torch.randperm(N, generator=g)[:5]] = True  # scattered
+    # sample 2: nothing to generate
+    garbage = init.clone()
+    garbage[region] = 3  # values under the mask must be ignored
+    tokens, fixed = maskgit_decode(model, 3, g, steps=6, init_tokens=garbage, init_mask=region,
+                                   return_history=True)
+    assert torch.equal(tokens[~region], init[~region])
+    assert tokens.max() < K
+    for b in range(3):
+        n_gen = int(region[b].sum())
+        assert fixed[b].tolist() == expected_fixed(n_gen, 6, "cosine")
+
+
+def test_inpainting_argument_checks():
+    model = tiny()
+    with pytest.raises(ValueError, match="together"):
+        maskgit_decode(model, 1, gen(), init_tokens=torch.zeros(1, N, dtype=torch.long))
+    with pytest.raises(ValueError, match="known tokens"):
+        maskgit_decode(model, 1, gen(), init_tokens=torch.full((1, N), K),
+                       init_mask=torch.zeros(1, N, dtype=torch.bool))
+
+
+class ConfidenceByPosition(nn.Module):
+    """Fake model: position i predicts code i with logit scale i, so confidence grows with i.
+    Records the known set of every input it sees."""
+
+    mask_id, seq_len = K, N
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.known: list[torch.Tensor] = []
+
+    def forward(self, tokens, cond=None, drop_cond=None):
+        self.known.append(tokens[0] != K)
+        scale = torch.arange(N, dtype=torch.float32)  # (N,)
+        logits = torch.eye(K)[torch.arange(N) % K] * scale[:, None]  # (N, K)
+        return logits.expand(tokens.shape[0], N, K)
+
+
+def test_most_confident_tokens_are_kept_first_and_never_remasked():
+    model = ConfidenceByPosition().eval()
+    tokens = maskgit_decode(model, 1, gen(), steps=8, choice_temperature=0.0, temperature=0.0)
+    assert tokens[0].tolist() == list(range(N))
+    prev = torch.zeros(N, dtype=torch.bool)
+    for known in model.known:
+        k = int(known.sum())
+        assert known[N - k:].all() and not known[: N - k].any()  # the most confident suffix
+        assert (known | ~prev).all()  # a fixed token is never re-masked
+
+
+class OneUnsurePosition(nn.Module):
+    """Fake model over 256 codes: position 0 predicts uniformly (log p = -log 256 whatever is
+    sampled), every other position is certain (log p = 0). Records the inputs it sees."""
+
+    codes = 256
+    mask_id, seq_len = codes, N
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, tokens, cond=None, drop_cond=None):
+        self.inputs.append(tokens)
+        logits = torch.zeros(tokens.shape[0], N, self.codes)
+        logits[:, 1:, 0] = 50.0
+        return logits
+
+
+def test_choice_noise_is_annealed_as_in_maskgit():
+    """With T = 2 and tau_0 = 4.5, step 0 fixes 5 of 16 tokens (cosine) by confidence + tau_t Gumbel
+    with tau_t = 4.5 (1 - 1/2) = 2.25. The unsure position 0 is among them with a probability
+    that depends on tau_t; compare with a direct simulation of METHOD.md's rule."""
+
+    def spec_probability(tau: float, draws: int = 200_000) -> float:
+        g = gen(99)
+        u = torch.rand(draws, N, generator=g, dtype=torch.float64)
+        conf = torch.zeros(draws, N, dtype=torch.float64)
+        conf[:, 0] = -math.log(OneUnsurePosition.codes)
+        conf += tau * -torch.log(-torch.log(u))
+        return ((conf[:, 1:] > conf[:, :1]).sum(1) < 5).double().mean().item()
+
+    model = OneUnsurePosition().eval()
+    b = 3000
+    maskgit_decode(model, b, gen(), steps=2, choice_temperature=4.5, temperature=0.0)
+    fixed_at_step0 = (model.inputs[1][:, 0] != model.mask_id).double().mean().item()
+    annealed, constant = spec_probability(2.25), spec_probability(4.5)
+    assert constant - annealed > 0.05  # the test can tell the two rules apart
+    assert abs(fixed_at_step0 - annealed) < 0.02
+
+
+def test_seed_reproducibility():
+    model = tiny()
+    a = maskgit_decode(model, 4, gen(7), top_k=8)
+    b = maskgit_decode(model, 4, gen(7), top_k=8)
+    c = maskgit_decode(model, 4, gen(8), top_k=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(maskgit_decode(model, 4, gen(7), top_k=8), a)
+    assert torch.equal(sequential_decode(model, 2, gen(7)), sequential_decode(model, 2, gen(7)))
+
+
+def test_cfg_weight_zero_is_plain_conditional_and_guidance_batches():
+    model = tiny(num_classes=3)
+    cond = {"class": torch.tensor([0, 2])}
+    calls = count_calls(model)
+    plain = maskgit_decode(model, 2, gen(), steps=4, cond=cond)
+    assert calls == [2] * 4  # w = 0: one forward of B per step
+    assert torch.equal(maskgit_decode(model, 2, gen(), steps=4, cond=cond, cfg_scale=0.0), plain)
+    calls.clear()
+    guided = maskgit_decode(model, 2, gen(), steps=4, cond=cond, cfg_scale=3.0)
+    assert calls == [4] * 4  # w != 0: cond and uncond in one batch of 2B per step
+    assert guided.shape == (2, N) and guided.max() < K
+
+
+def test_cfg_is_a_no_op_when_condition_carries_no_information():
+    model = tiny(num_classes=3)
+    with torch.no_grad():  # every class embedding equals the null one: cond logits == uncond
+        model.class_emb.weight[:] = model.class_emb.weight[3]
+    cond = {"class": torch.tensor([0, 1, 2])}
+    plain = maskgit_decode(model, 3, gen(), cond=cond)
+    for schedule in ("constant", "linear"):
+        guided = maskgit_decode(model, 3, gen(), cond=cond, cfg_scale=5.0, cfg_schedule=schedule)
+        assert torch.equal(guided, plain)
+
+
+class WeakCondition(nn.Module):
+    """Fake conditional model: logits favour code 0 by 2; the condition adds 1 to code `class`.
+    Conditional argmax is still 0; guidance w gives code c logit 1 + w vs 2, so c wins for w > 1."""
+
+    mask_id, seq_len = K, N
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens, cond=None, drop_cond=None):
+        b = tokens.shape[0]
+        logits = torch.zeros(b, N, K)
+        logits[..., 0] = 2.0
+        if cond is not None:
+            use = torch.ones(b) if drop_cond is None else (~drop_cond).float()
+            logits[torch.arange(b), :, cond["class"]] += use[:, None]
+        return logits
+
+
+def test_cfg_formula_and_linear_ramp():
+    model = WeakCondition().eval()
+    cond = {"class": torch.tensor([5, 9])}
+    greedy = dict(temperature=0.0, cond=cond, steps=8)
+    assert (maskgit_decode(model, 2, gen(), **greedy) == 0).all()
+    guided = maskgit_decode(model, 2, gen(), cfg_scale=2.0, **greedy)
+    assert torch.equal(guided, torch.tensor([[5], [9]]).expand(2, N))
+    # Linear ramp w_t = 2.5 (t + 1) / 8 exceeds 1 from step t = 3 on: the tokens fixed at steps
+    # 0-2 (1 + 1 + 1 under the cosine schedule) are code 0, all later ones the class code.
+    ramped = maskgit_decode(model, 2, gen(), cfg_scale=2.5, cfg_schedule="linear", **greedy)
+    assert (ramped == 0).sum(1).tolist() == [3, 3]
+    assert (ramped == torch.tensor([[5], [9]])).sum(1).tolist() == [N - 3, N - 3]
+    with pytest.raises(ValueError, match="cond"):
+        maskgit_decode(model, 2, gen(), cfg_scale=2.0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_dominant_code_is_returned_everywhere(tied):
+    model = tiny(tied_head=tied)
+    with torch.no_grad():
+        bias = model.head_bias if tied else model.head.bias
+        bias[11] = 1e4
+    for kwargs in ({}, {"top_k": 3}, {"temperature": 0.0}, {"steps": 16}):
+        assert (maskgit_decode(model, 2, gen(), **kwargs) == 11).all()
+    assert (sequential_decode(model, 2, gen()) == 11).all()
+
+
+def test_sequential_decode_runs_n_forward_passes():
+    model = tiny(num_classes=3)
+    calls = count_calls(model)
+    out = sequential_decode(model, 2, gen(), top_k=5, cond={"class": torch.tensor([1, 2])})
+    assert out.shape == (2, N) and out.min() >= 0 and out.max() < K
+    assert calls == [2] * N
+    calls.clear()
+    maskgit_decode(model, 2, gen(), steps=8)
+    assert len(calls) == 8
+
+
+def test_sampling_distribution_temperature_and_top_k():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = 20000
+    for temperature in (1.0, 0.5):
+        ids, log_p = _sample(logits.expand(draws, 4), temperature, None, gen())
+        freq = torch.bincount(ids, minlength=4).float() / draws
+        p = (logits / temperature).softmax(-1)
+        assert (freq - p).abs().max() < 0.015
+        assert torch.allclose(log_p, p.log()[ids])
+    ids, log_p = _sample(logits.expand(draws, 4), 1.0, 2, gen())
+    assert set(ids.tolist()) == {0, 1}
+    assert torch.allclose(log_p.exp().unique().sort().values, logits[:2].softmax(-1).sort().values)
+
+
+def test_decoding_argument_checks():
+    model = tiny()
+    with pytest.raises(ValueError, match="eval"):
+        maskgit_decode(model.train(), 1, gen())
+    model.eval()
+    with pytest.raises(ValueError, match="schedule"):
+        maskgit_decode(model, 1, gen(), schedule="cosinus")
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        maskgit_decode(model, 1, gen(), cfg_schedule="cosine")
+    with pytest.raises(ValueError, match="steps"):
+        maskgit_decode(model, 1, gen(), steps=0)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        maskgit_decode(model, 1, gen(), cond={"class": torch.tensor([0])})

@@ -1,0 +1,121 @@
+"""Typed configs of the tokenizer (autoencoder + VQ layer) and its named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from tokenizer.group_residual import GroupVectorQuant, ResidualVectorQuant
+from tokenizer.quantizer import VectorQuant
+
+
+@dataclass
+class VQConfig:
+    """The VQ layer's options; names and formulas as in ``VectorQuant`` (METHOD.md section 2)."""
+
+    kind: str = "vector"  # "vector", "group" or "residual"
+    num_codes: int = 1024
+    code_dim: int = 32
+    beta: float = 0.95
+    kmeans_init: bool = False
+    norm: str | None = None  # None or "l2" (inputs)
+    cb_norm: str | None = None  # None or "l2" (effective codes)
+    affine_lr: float = 0.0  # > 0: learned affine re-parameterization
+    affine_groups: int = 1
+    running_affine: bool = False  # running-statistics affine re-parameterization
+    sync_nu: float = 0.0  # synchronized STE
+    replace_freq: int = 0  # dead-code replacement period in steps (0: off)
+    inplace_lr: float = 0.0  # > 0: alternating optimization, SGD with this lr on the codebook
+    inplace_momentum: float = 0.9
+    groups: int = 1  # sub-vectors (group) or stages (residual)
+    share: bool = True  # group/residual: one codebook for all groups/stages
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("vector", "group", "residual"):
+            raise ValueError(f"vq.kind must be 'vector', 'group' or 'residual', got {self.kind!r}")
+        for name in ("num_codes", "code_dim", "groups"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"vq.{name} must be positive, got {getattr(self, name)}")
+        if self.inplace_lr < 0:
+            raise ValueError(f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
+
+
+@dataclass
+class TokenizerConfig:
+    """VQGAN-style autoencoder: 2**(len(channel_mult) - 1) down-sampling, VQ layer in the bottleneck."""
+
+    resolution: int = 64
+    in_channels: int = 3
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention: bool = False  # self-attention at the lowest resolution
+    dropout: float = 0.0
+    vq: VQConfig = field(default_factory=VQConfig)
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.channels <= 0 or self.num_res_blocks <= 0:
+            raise ValueError(f"resolution, channels and num_res_blocks must be positive, got "
+                             f"{self.resolution}, {self.channels}, {self.num_res_blocks}")
+        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        if self.resolution % self.downsample != 0:
+            raise ValueError(f"resolution {self.resolution} is not divisible by the down-sampling factor {self.downsample}")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.resolution // self.downsample
+        return side, side
+
+
+# All fixes of the paper, as the default of every preset: k-means++ init, l2-normalized inputs and
+# codes, dead-code replacement, learned affine codebook, alternating optimization (SGD lr 50,
+# momentum 0.9 as in the paper) and synchronized STE.
+ALL_FIXES = dict(kmeans_init=True, norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0,
+                 inplace_lr=50.0, sync_nu=0.2, beta=0.98)
+# The ablation ladder of the paper (Huh et al. 2023, Fig. 7 / Table 2).
+VQ_VARIANTS = {
+    "baseline": dict(),
+    "l2_replace": dict(norm="l2", cb_norm="l2", replace_freq=20),
+    "affine": dict(norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0),
+    "opt": dict(norm="l2", cb_norm="l2", replace_freq=20, inplace_lr=50.0, sync_nu=0.2, beta=0.98),
+    "opt_affine": dict(norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0, inplace_lr=50.0, sync_nu=0.2, beta=0.98),
+    "all": ALL_FIXES,
+}
+
+PRESETS: dict[str, TokenizerConfig] = {
+    # CPU seconds-to-minutes: tests and `make demo`. 32x32 -> 8x8 tokens.
+    "tiny": TokenizerConfig(resolution=32, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
+                            vq=VQConfig(num_codes=128, code_dim=16, **ALL_FIXES)),
+    # CPU minutes on real faces: 64x64 -> 16x16 tokens.
+    "small": TokenizerConfig(resolution=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                             vq=VQConfig(num_codes=512, code_dim=16, **ALL_FIXES)),
+    # One modern GPU: CelebA 64x64 -> 16x16 tokens, 1024 codes.
+    "celeba64": TokenizerConfig(resolution=64, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
+                                attention=True, vq=VQConfig(num_codes=1024, code_dim=32, **ALL_FIXES)),
+}
+
+
+def preset(name: str) -> TokenizerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], vq=dataclasses.replace(PRESETS[name].vq))
+
+
+def build_quantizer(cfg: VQConfig) -> nn.Module:
+    """The VQ layer for ``cfg``, with features on dim 1 (B, C, H, W)."""
+    inplace = partial(torch.optim.SGD, lr=cfg.inplace_lr, momentum=cfg.inplace_momentum) if cfg.inplace_lr > 0 else None
+    common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
+                  affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
+                  sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1)
+    if cfg.kind == "vector":
+        return VectorQuant(cfg.code_dim, cfg.num_codes, **common)
+    cls = GroupVectorQuant if cfg.kind == "group" else ResidualVectorQuant
+    return cls(cfg.code_dim, cfg.num_codes, groups=cfg.groups, share=cfg.share, **common)

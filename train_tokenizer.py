@@ -1,0 +1,240 @@
+"""Stage one: train the VQ tokenizer.
+
+    python train_tokenizer.py --preset tiny --run-dir runs/tok
+    accelerate launch train_tokenizer.py --preset celeba64 --run-dir runs/tok data.source=/data/celeba
+    python train_tokenizer.py --run-dir runs/tok --resume optim.steps=20000    # continue / extend
+
+Same code on CPU, one GPU and many GPUs (Accelerate). Writes to the run directory: config.json,
+data.json (split), log.jsonl, checkpoint.pt (atomic, self-describing), recon_*.png (originals above
+reconstructions, from a fixed validation batch), codebook_usage.png and val_metrics.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from data import DataConfig, build_dataset, seed_worker
+from tokenizer import TokenizerConfig, VQModel, preset as tokenizer_preset
+from tokenizer.kmeans import code_histogram, perplexity
+from tokenizer.losses import LossConfig, TokenizerLoss
+from tokenizer.quantizer import NonFiniteInputError
+from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import LogConfig, OptimConfig, to_dict
+from training.ema import EMA
+from training.plots import plot_usage
+from training.run import JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, main_guard, prepare_run_dir, resolve_config, write_json
+from training.sampler import StepSampler
+from training.schedule import warmup_cosine
+
+
+@dataclass
+class TrainTokenizerConfig:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+PRESETS = {
+    # CPU minutes on the built-in procedural faces (tests, `make demo`).
+    "tiny": TrainTokenizerConfig(
+        model=tokenizer_preset("tiny"), data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
+        optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
+        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+    # CPU minutes on real faces at 64x64 (checks on the CelebA copy, bench/ablation.py).
+    "small": TrainTokenizerConfig(
+        model=tokenizer_preset("small"), data=DataConfig(resolution=64, cache=True, num_workers=0),
+        optim=OptimConfig(steps=800, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.99),
+        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+    # One modern GPU, CelebA 64x64, 16x16 tokens.
+    "celeba64": TrainTokenizerConfig(
+        model=tokenizer_preset("celeba64"), data=DataConfig(resolution=64, num_workers=8),
+        optim=OptimConfig(steps=100_000, batch_size=64, lr=2e-4, betas=(0.5, 0.9), warmup_steps=1000,
+                          mixed_precision="bf16"),
+        log=LogConfig(log_every=100, image_every=2500, ckpt_every=2500)),
+}
+
+
+def build_train_loader(dataset, cfg: TrainTokenizerConfig, accelerator: Accelerator, start_batch: int) -> DataLoader:
+    sampler = StepSampler(len(dataset), cfg.optim.batch_size, seed=cfg.optim.seed, start_batch=start_batch,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.optim.seed + start_batch))
+
+
+@torch.no_grad()
+def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.device) -> dict[str, float]:
+    """Reconstruction MSE / PSNR (images scaled to [0, 1]) and codebook use over the validation split."""
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    sq_err, n_pix, n_img, counts = 0.0, 0, 0, torch.zeros(model.num_codes, device=device)
+    for i, batch in enumerate(tqdm(loader, desc="validation", leave=False)):
+        if cfg.log.val_batches and i >= cfg.log.val_batches:
+            break
+        x = batch["image"].to(device)
+        x_rec, info = model(x)
+        x01, r01 = (x + 1) / 2, ((x_rec + 1) / 2).clamp(0, 1)
+        sq_err += (x01 - r01).square().sum().item()
+        n_pix, n_img = n_pix + x.numel(), n_img + x.shape[0]
+        counts += code_histogram(info["q"], model.num_codes)
+    mse = sq_err / n_pix
+    return {"val_images": n_img, "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "perplexity": perplexity(counts).item(), "codes_used": (counts > 0).float().mean().item(),
+            "num_codes": model.num_codes, "usage_counts": counts.long().tolist()}
+
+
+def main() -> None:
+    args = base_parser(__doc__.splitlines()[1], PRESETS, "tiny").parse_args()
+    run_dir = prepare_run_dir(args.run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", kind="tokenizer") if args.resume and (run_dir / "checkpoint.pt").exists() else None
+    cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None)
+    if cfg.data.resolution != cfg.model.resolution:
+        raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
+    o = cfg.optim
+    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
+    set_seed(o.seed, device_specific=False)  # identical init on every rank: the codebook must agree
+
+    # Data first: a bad path fails here, before any model is built.
+    train_set, val_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val", train=False)
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", to_dict(cfg))
+        write_json(run_dir / "data.json", {"train": train_set.describe(), "val": val_set.describe()})
+
+    model = VQModel(cfg.model)
+    loss_fn = TokenizerLoss(cfg.loss)
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    disc = loss_fn.discriminator
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=o.lr, betas=tuple(o.betas)) if disc is not None else None
+    ema = EMA(model, o.ema_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if opt_d is not None:
+            disc.load_state_dict(ckpt["extra"]["discriminator"])
+            opt_d.load_state_dict(ckpt["extra"]["optimizer_d"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+    model, opt = accelerator.prepare(model, opt)
+    loss_fn.to(accelerator.device)
+    if opt_d is not None:  # the discriminator gets its own DDP wrapper and optimizer
+        loss_fn.discriminator, opt_d = accelerator.prepare(disc, opt_d)
+    ema.model.to(accelerator.device)
+    raw = accelerator.unwrap_model(model)
+
+    loader = build_train_loader(train_set, cfg, accelerator, start_batch=step * o.grad_accum)
+    fixed = torch.stack([val_set[i]["image"] for i in range(min(8, len(val_set)))]).to(accelerator.device)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
+    stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
+    window_counts = torch.zeros(raw.num_codes, device=accelerator.device)
+    sums: dict[str, float] = {}
+    t0, images_seen = time.time(), 0
+
+    def save() -> None:
+        if accelerator.is_main_process:
+            extra = {"discriminator": disc.state_dict(), "optimizer_d": opt_d.state_dict()} if opt_d else {}
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "kind": "tokenizer", "config": to_dict(cfg), "step": step, "model": raw.state_dict(),
+                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(), "extra": extra})
+        accelerator.wait_for_everyone()
+
+    def write_images() -> None:
+        if accelerator.is_main_process:
+            with torch.no_grad():
+                rec = ema.model(fixed)[0].clamp(-1, 1)
+            grid = (torch.cat([fixed, rec]) + 1) / 2
+            save_image(grid, run_dir / f"recon_{step:07d}.png", nrow=len(fixed))
+            save_image(grid, run_dir / "recon_latest.png", nrow=len(fixed))
+            plot_usage(window_counts.cpu(), run_dir / "codebook_usage.png", title=f"codebook usage, steps up to {step}")
+
+    bar = tqdm(total=o.steps, initial=step, desc="tokenizer", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    batches = iter(loader)
+    model.train()
+    while step < o.steps:
+        for group in opt.param_groups:
+            group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
+        skipped = False
+        for _ in range(o.grad_accum):
+            x = next(batches)["image"].to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                try:
+                    with accelerator.autocast():
+                        x_rec, info = model(x)
+                        loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer)
+                except NonFiniteInputError:
+                    loss, logs = torch.tensor(float("nan")), {}
+                if guard.bad(loss.detach()):
+                    skipped = True
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and o.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if opt_d is not None and loss_fn.gan_active(step):
+                    opt_d.zero_grad(set_to_none=True)  # drop what the generator loss left there
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+            window_counts += code_histogram(info["q"], raw.num_codes)
+            images_seen += x.shape[0] * accelerator.num_processes
+            for k, v in {**logs, "loss": loss.item(), "perplexity": info["perplexity"].item(),
+                         "codes_used": info["codes_used"].item()}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / o.grad_accum
+        if skipped:
+            accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")
+        ema.update(raw)
+        step += 1
+        bar.update(1)
+        if step % cfg.log.log_every == 0 or step == o.steps:
+            n = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
+            record = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+                      "images_per_s": images_seen / (time.time() - t0), "skipped_steps": guard.skipped,
+                      "window_codes_used": (window_counts > 0).float().mean().item(),
+                      "window_perplexity": perplexity(window_counts).item()}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ppl=f"{record['perplexity']:.1f}",
+                            used=f"{record['window_codes_used']:.2f}", img_s=f"{record['images_per_s']:.1f}")
+            if accelerator.is_main_process:
+                log.write(record)
+            sums, images_seen, t0 = {}, 0, time.time()
+        if step % cfg.log.image_every == 0 or step == o.steps:
+            write_images()
+            window_counts.zero_()
+        if step % cfg.log.ckpt_every == 0 or step == o.steps or stop.requested:
+            save()
+        if stop.requested:
+            bar.close()
+            accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
+            return
+    bar.close()
+
+    if accelerator.is_main_process:
+        metrics = evaluate(ema.model, val_set, cfg, accelerator.device)
+        metrics.update(step=step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
+        write_json(run_dir / "val_metrics.json", metrics)
+        plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",
+                   title="codebook usage over the validation split (EMA weights)")
+        skipped = train_set.num_skipped + val_set.num_skipped
+        accelerator.print(f"tokenizer: step {step}, val PSNR {metrics['psnr']:.2f} dB, MSE {metrics['mse']:.5f}, "
+                          f"perplexity {metrics['perplexity']:.1f}, codes used {metrics['codes_used']:.1%}"
+                          + (f", {skipped} unreadable image(s) skipped" if skipped else "") + f" -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,223 @@
+"""MaskGIT's iterative parallel decoding, and the one-token-per-step baseline it is compared with.
+
+Chang et al., "MaskGIT", CVPR 2022, sec. 3.2 ("Iterative Decoding") and METHOD.md sec. 5: start
+from an all-masked grid; at each of T steps predict every masked token in parallel, then keep only
+the most confident predictions and re-mask the rest, with the number left masked given by the same
+schedule gamma used in training. T = 8 steps instead of N sequential ones is the paper's speed claim;
+`sequential_decode` is that N-step baseline with the same network and sampling rules.
+
+Both functions are pure functions of their inputs and an explicit `torch.Generator`: every random
+draw goes through it, so a seed reproduces the output bit for bit (on the same device and software).
+The model must be in eval mode (the caller's job; a model in training mode is rejected, since its
+dropout and condition-dropping would use the global RNG).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .schedule import gamma, num_masked_decode
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@torch.no_grad()
+def maskgit_decode(
+    model: nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+    steps: int = 8,
+    schedule: str = "cosine",
+    choice_temperature: float = 4.5,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    cfg_scale: float = 0.0,
+    cfg_schedule: str = "constant",
+    cond: Mapping[str, Tensor] | None = None,
+    init_tokens: Tensor | None = None,
+    init_mask: Tensor | None = None,
+    return_history: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Generate token grids (B, N) with T = `steps` MaskGIT decoding steps.
+
+    model: a MaskGIT (or anything with .mask_id, .seq_len and forward(tokens, cond, drop_cond)).
+    generator: on the model's device; the only source of randomness.
+    temperature: token sampling temperature (0 = argmax); top_k: sample among the k best codes.
+    choice_temperature: tau_0 of the Gumbel noise added to the confidences,
+        tau_t = choice_temperature * (1 - (t + 1) / T) (MaskGIT reference: 4.5).
+    cfg_scale: classifier-free guidance weight w; logits = cond + w (cond - uncond), which is
+        METHOD.md's uncond + s (cond - uncond) with s = 1 + w. So w = 0 is plain conditional
+        decoding (one forward per step); w > 0 runs cond and uncond as one batch of 2B.
+    cfg_schedule: "constant" (w every step) or "linear" (w_t = w (t + 1) / T, weak guidance while
+        little is decided, full at the end).
+    cond: the model's conditioning dict ({"class": (B,), "attrs": (B, A)}); None = unconditional.
+    init_tokens, init_mask: (B, N) long and (B, N) bool, for inpainting / outpainting: positions
+        with init_mask True are generated, the others are kept from init_tokens and never change.
+        The schedule then runs over the region: with N_gen = init_mask.sum(1) per sample, after
+        step t floor(gamma((t + 1) / T) * N_gen) positions stay masked. (Measured against the full
+        N, a small region would be fixed one token per step and then dumped at once.)
+    return_history: also return num_fixed (B, T) long, the tokens fixed at each step.
+
+    Per step the count left masked is clipped to [1, masked_before - 1] until the last step, which
+    fixes everything (see schedule.num_masked_decode): each step fixes at least one token while
+    any remain, so with N_gen < T the region is complete before the last step.
+    """
+    _check_common(model, batch_size, generator, temperature, top_k)
+    if steps < 1:
+        raise ValueError(f"maskgit_decode: steps must be >= 1, got {steps}")
+    if choice_temperature < 0:
+        raise ValueError(f"maskgit_decode: choice_temperature must be >= 0, got {choice_temperature}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"maskgit_decode: unknown cfg_schedule {cfg_schedule!r}; "
+                         f"valid: {', '.join(CFG_SCHEDULES)}")
+    _check_cfg(cfg_scale, cond)
+    gamma(0.0, schedule)  # validates the schedule name before any work
+    mask_id = model.mask_id
+    tokens = _initial_tokens(model, batch_size, init_tokens, init_mask)  # (B, N), mask_id = unknown
+    n_gen = (tokens == mask_id).sum(dim=1)  # (B,) positions to generate per sample
+
+    num_fixed = []
+    for t in range(steps):
+        unknown = tokens == mask_id  # (B, N)
+        w = cfg_scale * (t + 1) / steps if cfg_schedule == "linear" else cfg_scale
+        logits = _logits(model, tokens, cond, w)  # (B, N, K) fp32
+        sampled, log_p = _sample(logits, temperature, top_k, generator)  # (B, N), (B, N)
+        sampled = torch.where(unknown, sampled, tokens)  # known tokens never change
+
+        # Confidence = log p(sampled) + tau_t * Gumbel: annealed noise makes the choice of which
+        # tokens to keep random early and greedy late (MaskGIT reference, mask_by_random_topk).
+        tau = choice_temperature * (1.0 - (t + 1) / steps)
+        confidence = log_p + tau * _gumbel(log_p.shape, generator, log_p.device)  # (B, N)
+        confidence = confidence.masked_fill(~unknown, float("inf"))
+
+        n_masked = unknown.sum(dim=1)  # (B,)
+        n_keep = num_masked_decode(t, steps, n_gen, schedule, currently_masked=n_masked)  # (B,)
+        # Re-mask exactly the n_keep least confident positions of each sample. n_keep <= n_masked
+        # and known positions sit at +inf, so only positions still unknown can be re-masked.
+        ranks = confidence.argsort(dim=1, stable=True).argsort(dim=1)  # (B, N)
+        remask = ranks < n_keep[:, None]
+        tokens = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
+        num_fixed.append(n_masked - n_keep)
+
+    if return_history:
+        return tokens, torch.stack(num_fixed, dim=1)  # (B, N), (B, T)
+    return tokens
+
+
+@torch.no_grad()
+def sequential_decode(
+    model: nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    cfg_scale: float = 0.0,
+    cond: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Baseline: one token per step in raster order, N forward passes of the same bidirectional
+    model (no KV cache is possible: every position attends to every other one).
+
+    Step i sees tokens 0..i-1 fixed and i..N-1 masked, and samples token i with the same rules as
+    maskgit_decode (temperature, top-k, constant CFG weight w). Returns (B, N) long.
+    """
+    _check_common(model, batch_size, generator, temperature, top_k)
+    _check_cfg(cfg_scale, cond)
+    tokens = _initial_tokens(model, batch_size, None, None)  # (B, N) all masked
+    for i in range(model.seq_len):
+        logits = _logits(model, tokens, cond, cfg_scale)[:, i : i + 1]  # (B, 1, K)
+        ids, _ = _sample(logits, temperature, top_k, generator)  # (B, 1)
+        tokens[:, i] = ids[:, 0]
+    return tokens
+
+
+def _logits(model: nn.Module, tokens: Tensor, cond: Mapping[str, Tensor] | None, w: float) -> Tensor:
+    """Model logits (B, N, K) in fp32, with classifier-free guidance weight w when w != 0."""
+    if w == 0:
+        return model(tokens, cond=cond).float()
+    b = tokens.shape[0]
+    # Conditional and unconditional halves in one forward pass: same tokens, drop_cond True for
+    # the second half (the model substitutes its learned null condition).
+    both_cond = {k: torch.cat([v, v]) for k, v in cond.items()}
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(tokens.device)
+    logits = model(torch.cat([tokens, tokens]), cond=both_cond, drop_cond=drop).float()
+    cond_logits, uncond_logits = logits[:b], logits[b:]
+    return cond_logits + w * (cond_logits - uncond_logits)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Sample one code per position; returns (ids (...,) long, log p(ids) (...,)) under the
+    distribution actually sampled from (temperature and top-k applied)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if temperature == 0:
+        ids = logits.argmax(dim=-1)
+    else:
+        logits = logits / temperature
+        # Gumbel-max trick: argmax(logits + Gumbel) ~ Categorical(softmax(logits)), using only
+        # our generator (torch.multinomial would work too; this keeps one code path per device).
+        ids = (logits + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
+    log_p = F.log_softmax(logits, dim=-1).gather(-1, ids[..., None])[..., 0]
+    return ids, log_p
+
+
+def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+    """Standard Gumbel noise -log(-log U), U ~ U(0, 1), from the given generator."""
+    u = torch.rand(shape, generator=generator, device=device)
+    tiny = torch.finfo(u.dtype).tiny
+    neg_log_u = -torch.log(u.clamp(min=tiny))  # in (0, 87]; 0 only if u == 1, which rand() excludes
+    return -torch.log(neg_log_u.clamp(min=tiny))
+
+
+def _initial_tokens(model: nn.Module, batch_size: int, init_tokens: Tensor | None,
+                    init_mask: Tensor | None) -> Tensor:
+    """Starting grid (B, N): mask_id where a token is to be generated, the known id elsewhere."""
+    mask_id, n = model.mask_id, model.seq_len
+    device = _model_device(model)
+    if init_tokens is None and init_mask is None:
+        return torch.full((batch_size, n), mask_id, dtype=torch.long, device=device)
+    if init_tokens is None or init_mask is None:
+        raise ValueError("maskgit_decode: init_tokens and init_mask must be given together")
+    if init_tokens.shape != (batch_size, n) or init_mask.shape != (batch_size, n):
+        raise ValueError(f"maskgit_decode: init_tokens and init_mask must be ({batch_size}, {n}), got "
+                         f"{tuple(init_tokens.shape)} and {tuple(init_mask.shape)}")
+    if init_mask.dtype != torch.bool:
+        raise ValueError(f"maskgit_decode: init_mask must be bool (True = generate), got {init_mask.dtype}")
+    init_tokens, init_mask = init_tokens.to(device).long(), init_mask.to(device)
+    known = init_tokens[~init_mask]
+    if known.numel() and (known.min() < 0 or known.max() >= mask_id):
+        raise ValueError(f"maskgit_decode: known tokens (init_mask False) must lie in [0, {mask_id})")
+    return torch.where(init_mask, torch.full_like(init_tokens, mask_id), init_tokens)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_common(model: nn.Module, batch_size: int, generator: torch.Generator,
+                  temperature: float, top_k: int | None) -> None:
+    if model.training:
+        raise ValueError("decoding: call model.eval() first (training-mode dropout and condition "
+                         "dropping would make sampling random outside the generator)")
+    if batch_size < 1:
+        raise ValueError(f"decoding: batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("decoding: an explicit torch.Generator is required (reproducibility)")
+    gdev = generator.device
+    if gdev.type != device.type or (gdev.index or 0) != (device.index or 0):
+        raise ValueError(f"decoding: generator is on {gdev} but the model is on {device}")
+    if temperature < 0:
+        raise ValueError(f"decoding: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"decoding: top_k must be None or >= 1, got {top_k}")
+
+
+def _check_cfg(cfg_scale: float, cond: Mapping[str, Tensor] | None) -> None:
+    if cfg_scale != 0 and not cond:
+        raise ValueError("decoding: cfg_scale != 0 needs a condition (cond) to guide towards")
