@@ -32,8 +32,8 @@ class MaskGITConfig:
     num_codes / grid normally come from the tokenizer; the presets below hold model sizes only.
     """
 
-    num_codes: int  # K, codebook size; the mask token id is K
-    grid: tuple[int, int]  # (h, w) of the token grid; seq_len N = h * w
+    num_codes: int = 1024  # K, codebook size; the mask token id is K (training: from the code file)
+    grid: tuple[int, int] = (16, 16)  # (h, w) of the token grid; seq_len N = h * w (from the code file)
     dim: int = 512
     depth: int = 12
     heads: int = 8
