@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny tokenizer + code files + MaskGIT, trained for a few steps on CPU, once per session."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DATA = ["data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
+
+
+def run_script(*args, check=True, timeout=300):
+    """Run one of the project's entry points in a subprocess (as a user would)."""
+    out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Paths of a 2-step tokenizer, its code files and a 3-step MaskGIT (attribute-conditional)."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    tok, codes, mg = root / "tok", root / "codes", root / "mg"
+    run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", tok, "optim.steps=2", *TINY_DATA)
+    run_script(ROOT / "pretokenize.py", "--tokenizer", tok / "checkpoint.pt", "--out", codes, "--batch-size", "16")
+    run_script(ROOT / "train_maskgit.py", "--preset", "tiny", "--run-dir", mg, "--codes", codes,
+               "--tokenizer", tok / "checkpoint.pt", "optim.steps=3", "optim.batch_size=8", "log.log_every=1",
+               "masking.condition=attrs", "model.dim=32", "model.depth=1", "model.heads=2")
+    return {"tokenizer": tok / "checkpoint.pt", "tok_dir": tok, "codes": codes, "maskgit": mg / "checkpoint.pt", "mg_dir": mg}

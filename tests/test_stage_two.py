@@ -1,0 +1,98 @@
+"""Stage two end to end on CPU: pre-tokenize, train, resume, sample; and the refusals."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from transformer.codes import CodeDataset, CodeFileError, code_dtype, read_header
+
+
+def test_code_files_match_the_tokenizer(tiny_runs):
+    header = read_header(tiny_runs["codes"])
+    assert header.num_codes == 128 and tuple(header.grid) == (8, 8) and header.dtype == "int16"
+    assert header.flip and header.splits["train"] == 2 * 58  # 64 images, 10% val, flipped copies appended
+    assert header.attr_names and len(header.attr_names) == 5
+    ds = CodeDataset(tiny_runs["codes"], "train")
+    item = ds[0]
+    assert item["tokens"].shape == (64,) and item["tokens"].max() < 128 and item["attrs"].shape == (5,)
+    from tokenizer import load_tokenizer
+    from data import DataConfig, build_dataset
+    tok, _ = load_tokenizer(tiny_runs["tokenizer"])
+    image = build_dataset(DataConfig(num_images=64, resolution=32), "train", train=False)[0]["image"]
+    with torch.no_grad():
+        assert torch.equal(tok.encode(image[None])[1].flatten(), item["tokens"])  # the same EMA encoder
+
+
+def test_train_resume_and_sample(tiny_runs, tmp_path):
+    mg = tiny_runs["mg_dir"]
+    assert json.loads((mg / "train_metrics.json").read_text())["step"] == 3
+    assert (mg / "samples_latest.png").stat().st_size > 0
+    run = tmp_path / "mg"
+    shutil.copytree(mg, run)
+    run_script(ROOT / "train_maskgit.py", "--run-dir", run, "--resume", "--codes", tiny_runs["codes"],
+               "--tokenizer", tiny_runs["tokenizer"], "optim.steps=4")
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    grid = tmp_path / "grid.png"
+    out_dir = tmp_path / "pngs"
+    run_script(ROOT / "sample.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", run / "checkpoint.pt",
+               "--grid", grid, "--grid-size", "4", "--num-images", "3", "--out-dir", out_dir, "--attrs", "smiling=1",
+               "--cfg", "1.5", "--batch-size", "2")
+    assert grid.stat().st_size > 0 and len(list(out_dir.glob("*.png"))) == 3
+
+
+def test_sampling_is_reproducible_and_inpainting_keeps_known_tokens(tiny_runs):
+    from sample import generate, load_models, token_mask
+    tok, mg, _ = load_models(str(tiny_runs["tokenizer"]), str(tiny_runs["maskgit"]))
+    a = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
+    b = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
+    c = torch.cat(list(generate(tok, mg, 3, 2, seed=8, progress=False)))
+    assert a.dtype == torch.uint8 and a.shape == (3, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    mask = token_mask(tok, "0,0,16,32", None, outpaint=False)  # left half of the image
+    assert mask[:, :4].all() and not mask[:, 4:].any()
+    from transformer import maskgit_decode
+    init = torch.randint(0, 128, (1, 64))
+    out = maskgit_decode(mg, 2, torch.Generator().manual_seed(0), init_tokens=init.expand(2, -1),
+                         init_mask=mask.view(1, -1).expand(2, -1))
+    assert torch.equal(out[:, ~mask.view(-1)], init.expand(2, -1)[:, ~mask.view(-1)])
+
+
+def test_refusals(tiny_runs, tmp_path):
+    tok, mg, codes = tiny_runs["tokenizer"], tiny_runs["maskgit"], tiny_runs["codes"]
+    # a tokenizer checkpoint passed as the transformer, and the reverse
+    out = run_script(ROOT / "sample.py", "--tokenizer", mg, "--maskgit", tok, "--grid", tmp_path / "x.png", check=False)
+    assert out.returncode == 2 and "--maskgit" in out.stderr and "'tokenizer' checkpoint" in out.stderr
+    # conditioning the model was not trained with
+    uncond = tmp_path / "uncond"
+    run_script(ROOT / "train_maskgit.py", "--run-dir", uncond, "--codes", codes, "--tokenizer", tok, "optim.steps=1",
+               "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2")
+    out = run_script(ROOT / "sample.py", "--tokenizer", tok, "--maskgit", uncond / "checkpoint.pt", "--grid",
+                     tmp_path / "y.png", "--attrs", "smiling=1", check=False)
+    assert out.returncode == 2 and "without attribute conditioning" in out.stderr
+    # a stale code file: another tokenizer (different bytes) than the one the codes were made with
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(tok, weights_only=True)
+    ckpt["step"] += 1
+    torch.save(ckpt, other)
+    out = run_script(ROOT / "train_maskgit.py", "--run-dir", tmp_path / "stale", "--codes", codes, "--tokenizer", other,
+                     "optim.steps=1", check=False)
+    assert out.returncode == 2 and "stale code file" in out.stderr
+    out = run_script(ROOT / "sample.py", "--tokenizer", other, "--maskgit", mg, "--grid", tmp_path / "z.png", check=False)
+    assert out.returncode == 2 and "sha256" in out.stderr
+    # out-of-range ids in the code file
+    bad = tmp_path / "badcodes"
+    shutil.copytree(codes, bad)
+    arr = np.load(bad / "train.npy")
+    arr[0, 0, 0] = 500
+    np.save(bad / "train.npy", arr)
+    with pytest.raises(CodeFileError, match="outside the codebook"):
+        CodeDataset(bad, "train")
+
+
+def test_code_dtype_fits_the_codebook():
+    assert code_dtype(1024) == np.int16 and code_dtype(32768) == np.int16 and code_dtype(32769) == np.int32
+    with pytest.raises(CodeFileError, match="does not fit"):
+        code_dtype(2**33)

@@ -1,0 +1,234 @@
+"""Stage two: train the MaskGIT transformer on pre-tokenized codes.
+
+    python train_maskgit.py --preset tiny --run-dir runs/mg --codes runs/codes --tokenizer runs/tok/checkpoint.pt
+    accelerate launch train_maskgit.py --preset celeba64 --run-dir runs/mg --codes ... --tokenizer ...
+    python train_maskgit.py --run-dir runs/mg --resume --codes ... --tokenizer ... optim.steps=200000
+
+Reads only the code files (the encoder never runs here); the tokenizer is loaded to decode the
+periodic sample grids. Writes config.json, log.jsonl, checkpoint.pt (atomic, self-describing: it
+names the tokenizer and its sha256), samples_*.png and train_metrics.json.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from tokenizer import load_tokenizer
+from training.checkpoint import file_sha256, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.config import LogConfig, OptimConfig, to_dict
+from training.ema import EMA
+from training.run import JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, main_guard, prepare_run_dir, resolve_config, write_json
+from training.sampler import StepSampler
+from training.schedule import warmup_cosine
+from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss, maskgit_decode
+from transformer.codes import CodeDataset, check_matches_tokenizer
+from transformer.model import PRESETS as MODEL_PRESETS
+
+
+@dataclass
+class MaskingConfig:
+    schedule: str = "cosine"  # mask schedule gamma, shared with decoding
+    label_smoothing: float = 0.1
+    condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
+    sample_steps: int = 8  # decoding steps T for the periodic sample grids
+
+
+@dataclass
+class TrainMaskGITConfig:
+    model: MaskGITConfig = field(default_factory=MaskGITConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+PRESETS = {
+    "tiny": TrainMaskGITConfig(
+        model=MaskGITConfig(**MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
+        optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
+                          warmup_steps=50, ema_decay=0.99),
+        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+    # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
+    "celeba64": TrainMaskGITConfig(
+        model=MaskGITConfig(**MODEL_PRESETS["celeba64"]),
+        optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
+                          warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
+        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
+}
+
+
+def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device: torch.device) -> dict | None:
+    return {"attrs": batch["attrs"].to(device)} if cfg.masking.condition == "attrs" else None
+
+
+@torch.no_grad()
+def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfig, device: torch.device,
+                    max_batches: int = 20) -> dict[str, float]:
+    """Validation loss and masked-token accuracy at mask ratios r = 0.25, 0.5, 0.75 (fixed generator)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=False)
+    totals = {"loss": 0.0, "accuracy": 0.0}
+    n = 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        tokens = batch["tokens"].to(device)
+        for r in (0.25, 0.5, 0.75):
+            inputs, mask = mask_tokens(tokens, model.mask_id, cfg.masking.schedule, gen,
+                                       r=torch.full((len(tokens),), r, dtype=torch.float64, device=device))
+            loss, acc = masked_ce_loss(model(inputs, condition_of(batch, cfg, device)), tokens, mask, cfg.masking.label_smoothing)
+            totals["loss"] += loss.item()
+            totals["accuracy"] += acc.item()
+            n += 1
+    return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
+
+
+def main() -> None:
+    p = base_parser(__doc__.splitlines()[1], PRESETS, "tiny")
+    p.add_argument("--codes", required=True, help="code directory written by pretokenize.py")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer checkpoint the codes were made with")
+    args = p.parse_args()
+    run_dir = prepare_run_dir(args.run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", kind="maskgit") if args.resume and (run_dir / "checkpoint.pt").exists() else None
+
+    train_set = CodeDataset(args.codes, "train")
+    val_set = CodeDataset(args.codes, "val") if "val" in train_set.header.splits else None
+    header = train_set.header
+    tok_sha = file_sha256(args.tokenizer)
+    tokenizer, tok_cfg = load_tokenizer(args.tokenizer)
+    check_matches_tokenizer(header, tok_sha, tok_cfg.vq.num_codes, tok_cfg.grid, args.codes, args.tokenizer)
+
+    stored = ckpt["config"]["train"] if ckpt else None
+    cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, stored)
+    # The codebook size, grid and attributes come from the code file, not from the preset.
+    cfg.model.num_codes, cfg.model.grid = header.num_codes, tuple(header.grid)
+    if cfg.masking.condition == "attrs":
+        if not header.attr_names:
+            raise RunError(f"masking.condition=attrs, but the code file {args.codes} has no attributes")
+        cfg.model.num_attrs = len(header.attr_names)
+    elif cfg.masking.condition != "none":
+        raise RunError(f"masking.condition must be 'none' or 'attrs', got {cfg.masking.condition!r}")
+    cfg.model = MaskGITConfig.from_dict(to_dict(cfg.model))  # re-validate after the changes
+    if ckpt and ckpt["config"]["tokenizer_sha256"] != tok_sha:
+        raise RunError(f"{run_dir} was trained on codes of tokenizer sha256 {ckpt['config']['tokenizer_sha256']}, "
+                       f"but {args.tokenizer} has sha256 {tok_sha}")
+
+    o = cfg.optim
+    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
+    set_seed(o.seed, device_specific=False)
+    model = MaskGIT(cfg.model)
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():  # no weight decay on biases, norms and embeddings
+        (decay if prm.dim() >= 2 and "emb" not in name else no_decay).append(prm)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=tuple(o.betas))
+    ema = EMA(model, o.ema_decay)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+    model, opt = accelerator.prepare(model, opt)
+    ema.model.to(accelerator.device)
+    tokenizer.to(accelerator.device)
+    raw = accelerator.unwrap_model(model)
+    full_config = {"train": to_dict(cfg), "model": to_dict(cfg.model), "tokenizer": str(args.tokenizer),
+                   "tokenizer_sha256": tok_sha, "codes": str(args.codes), "attr_names": header.attr_names}
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", full_config)
+        print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
+              f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
+
+    sampler = StepSampler(len(train_set), o.batch_size, seed=o.seed, start_batch=step * o.grad_accum,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
+    batches = iter(DataLoader(train_set, batch_size=o.batch_size, sampler=sampler, num_workers=0))
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
+    stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
+    sums: dict[str, float] = {}
+    t0, seen = time.time(), 0
+
+    def save() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "kind": "maskgit", "config": full_config, "step": step, "model": raw.state_dict(),
+                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()})
+        accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def write_samples() -> None:
+        if not accelerator.is_main_process:
+            return
+        gen = torch.Generator(device=accelerator.device).manual_seed(1234)
+        cond = None
+        if cfg.masking.condition == "attrs":  # 16 samples with the attributes of the first 16 validation grids
+            src = val_set or train_set
+            cond = {"attrs": torch.stack([src[i % len(src)]["attrs"] for i in range(16)]).to(accelerator.device)}
+        tokens = maskgit_decode(ema.model, 16, gen, steps=cfg.masking.sample_steps, schedule=cfg.masking.schedule, cond=cond)
+        images = tokenizer.decode_indices(tokens.view(-1, *header.grid)).clamp(-1, 1)
+        save_image((images + 1) / 2, run_dir / f"samples_{step:07d}.png", nrow=4)
+        save_image((images + 1) / 2, run_dir / "samples_latest.png", nrow=4)
+
+    bar = tqdm(total=o.steps, initial=step, desc="maskgit", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    model.train()
+    while step < o.steps:
+        for group in opt.param_groups:
+            group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
+        for _ in range(o.grad_accum):
+            batch = next(batches)
+            tokens = batch["tokens"].to(accelerator.device)
+            with accelerator.accumulate(model):
+                inputs, mask = mask_tokens(tokens, raw.mask_id, cfg.masking.schedule)
+                with accelerator.autocast():
+                    logits = model(inputs, condition_of(batch, cfg, accelerator.device))
+                loss, acc = masked_ce_loss(logits.float(), tokens, mask, cfg.masking.label_smoothing)
+                if guard.bad(loss.detach()):
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and o.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            seen += tokens.shape[0] * accelerator.num_processes
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / o.grad_accum
+            sums["masked_accuracy"] = sums.get("masked_accuracy", 0.0) + acc.item() / o.grad_accum
+        ema.update(raw)
+        step += 1
+        bar.update(1)
+        if step % cfg.log.log_every == 0 or step == o.steps:
+            n = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
+            record = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
+                      "grids_per_s": seen / (time.time() - t0), "skipped_steps": guard.skipped}
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['masked_accuracy']:.3f}")
+            if accelerator.is_main_process:
+                log.write(record)
+            sums, seen, t0 = {}, 0, time.time()
+        if step % cfg.log.image_every == 0 or step == o.steps:
+            write_samples()
+        if step % cfg.log.ckpt_every == 0 or step == o.steps or stop.requested:
+            save()
+        if stop.requested:
+            bar.close()
+            accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
+            return
+    bar.close()
+
+    if accelerator.is_main_process:
+        metrics = {"step": step, "weights": "ema"}
+        if val_set is not None:
+            metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
+        write_json(run_dir / "train_metrics.json", metrics)
+        val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
+        print(f"maskgit: step {step}{val} -> {run_dir}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,132 @@
+"""Pre-tokenized code files: stage two reads token grids from here and never runs the encoder.
+
+A code directory holds, per split, ``<split>.npy`` (M, h, w) integer token grids (int16 when K fits,
+else int32; memory-mapped on read), ``<split>_attrs.npy`` (M, A) uint8 attributes when the dataset has
+them, and one ``codes.json`` header naming the tokenizer checkpoint (path and sha256), codebook size,
+grid, dtype, the dataset description and whether horizontally flipped copies were appended.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT = "straight-maskgit-codes"
+
+
+class CodeFileError(ValueError):
+    """A code file is missing, stale (other tokenizer) or inconsistent."""
+
+
+def code_dtype(num_codes: int) -> np.dtype:
+    """The smallest signed integer type holding ids 0..K-1."""
+    if num_codes <= np.iinfo(np.int16).max + 1:
+        return np.dtype(np.int16)
+    if num_codes <= np.iinfo(np.int32).max + 1:
+        return np.dtype(np.int32)
+    raise CodeFileError(f"a codebook of {num_codes} codes does not fit a 32-bit code file")
+
+
+@dataclass
+class CodeHeader:
+    tokenizer: str  # path of the tokenizer checkpoint that produced the codes
+    tokenizer_sha256: str
+    num_codes: int
+    grid: tuple[int, int]
+    dtype: str
+    flip: bool  # horizontally flipped copies appended after the originals
+    attr_names: list[str]
+    splits: dict[str, int]  # split -> number of grids (flipped copies included)
+    dataset: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.__dict__, "grid": list(self.grid)}
+
+
+def write_split(out_dir: Path, split: str, codes: np.ndarray, attrs: np.ndarray | None) -> None:
+    """Atomically write one split's arrays (temp file + rename)."""
+    for name, arr in ((f"{split}.npy", codes), (f"{split}_attrs.npy", attrs)):
+        if arr is None:
+            continue
+        tmp = out_dir / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, out_dir / name)
+
+
+def write_header(out_dir: Path, header: CodeHeader) -> None:
+    tmp = out_dir / ".codes.json.tmp"
+    tmp.write_text(json.dumps(header.to_json(), indent=2) + "\n")
+    os.replace(tmp, out_dir / "codes.json")
+
+
+def read_header(code_dir: str | os.PathLike) -> CodeHeader:
+    path = Path(code_dir) / "codes.json"
+    if not path.is_file():
+        raise CodeFileError(f"no code file header at {path}; run pretokenize.py (make maskgit does) first")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CodeFileError(f"{path} is not valid JSON ({e.msg})") from None
+    if raw.pop("format", None) != FORMAT:
+        raise CodeFileError(f"{path} is not a {FORMAT} header")
+    try:
+        header = CodeHeader(**raw)
+    except TypeError as e:
+        raise CodeFileError(f"{path}: malformed header ({e})") from None
+    header.grid = tuple(header.grid)
+    return header
+
+
+def check_matches_tokenizer(header: CodeHeader, tokenizer_sha256: str, num_codes: int, grid: tuple[int, int],
+                            code_dir: str | os.PathLike, tokenizer_path: str | os.PathLike) -> None:
+    """Refuse a stale code file: made by another tokenizer, or for another codebook size or grid."""
+    problems = []
+    if header.tokenizer_sha256 != tokenizer_sha256:
+        problems.append(f"it was made by tokenizer sha256 {header.tokenizer_sha256} ({header.tokenizer}), "
+                        f"but {tokenizer_path} has sha256 {tokenizer_sha256}")
+    if header.num_codes != num_codes:
+        problems.append(f"codebook size {header.num_codes} != tokenizer's {num_codes}")
+    if tuple(header.grid) != tuple(grid):
+        problems.append(f"grid {tuple(header.grid)} != tokenizer's {tuple(grid)}")
+    if problems:
+        raise CodeFileError(f"stale code file {code_dir}: " + "; ".join(problems) + "; re-run pretokenize.py")
+
+
+class CodeDataset(Dataset):
+    """Token grids of one split as {"tokens": (h*w,) long, "attrs": (A,) long}. Ids are range-checked once."""
+
+    def __init__(self, code_dir: str | os.PathLike, split: str = "train") -> None:
+        self.header = read_header(code_dir)
+        path = Path(code_dir) / f"{split}.npy"
+        if not path.is_file():
+            raise CodeFileError(f"no '{split}' split in {code_dir} (have: {', '.join(self.header.splits)})")
+        try:
+            self.codes = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise CodeFileError(f"{path} is not a plain integer array ({e})") from None
+        h, w = self.header.grid
+        if self.codes.ndim != 3 or self.codes.shape[1:] != (h, w) or self.codes.dtype != np.dtype(self.header.dtype):
+            raise CodeFileError(f"{path}: expected ({'M'}, {h}, {w}) {self.header.dtype}, "
+                                f"got {self.codes.shape} {self.codes.dtype}")
+        lo, hi = int(self.codes.min()), int(self.codes.max())
+        if lo < 0 or hi >= self.header.num_codes:
+            raise CodeFileError(f"{path} holds token ids in [{lo}, {hi}], outside the codebook [0, {self.header.num_codes})")
+        attrs_path = Path(code_dir) / f"{split}_attrs.npy"
+        self.attrs = np.load(attrs_path, allow_pickle=False) if attrs_path.is_file() else None
+        if self.attrs is not None and len(self.attrs) != len(self.codes):
+            raise CodeFileError(f"{attrs_path} has {len(self.attrs)} rows for {len(self.codes)} grids")
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(np.asarray(self.codes[i], dtype=np.int64)).flatten()
+        attrs = torch.from_numpy(self.attrs[i].astype(np.int64)) if self.attrs is not None else torch.zeros(0, dtype=torch.long)
+        return {"tokens": tokens, "attrs": attrs}
