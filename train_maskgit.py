@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
@@ -24,8 +23,9 @@ from tokenizer import load_tokenizer
 from training.checkpoint import file_sha256, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import LogConfig, OptimConfig, to_dict
 from training.ema import EMA
-from training.run import JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, main_guard, prepare_run_dir, resolve_config, write_json
-from training.sampler import StepSampler
+from training.run import (JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, check_replicas, main_guard,
+                          make_accelerator, prepare_run_dir, resolve_config, write_json)
+from training.sampler import step_loader
 from training.schedule import warmup_cosine
 from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss, maskgit_decode
 from transformer.codes import CodeDataset, check_matches_tokenizer
@@ -120,7 +120,7 @@ def main() -> None:
                        f"but {args.tokenizer} has sha256 {tok_sha}")
 
     o = cfg.optim
-    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
+    accelerator = make_accelerator(o.mixed_precision, o.grad_accum)
     set_seed(o.seed, device_specific=False)
     model = MaskGIT(cfg.model)
     decay, no_decay = [], []
@@ -147,16 +147,17 @@ def main() -> None:
         print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
               f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
 
-    sampler = StepSampler(len(train_set), o.batch_size, seed=o.seed, start_batch=step * o.grad_accum,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
-    batches = iter(DataLoader(train_set, batch_size=o.batch_size, sampler=sampler, num_workers=0))
+    batches = iter(step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum,
+                               rank=accelerator.process_index, world=accelerator.num_processes))
     log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
     stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
     sums: dict[str, float] = {}
     t0, seen = time.time(), 0
 
     def save() -> None:
+        sums = check_replicas(accelerator, raw)  # every process must hold the same weights and codebook
         if accelerator.is_main_process:
+            write_json(run_dir / "replicas.json", {"step": step, "processes": accelerator.num_processes, "checksums": sums})
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "kind": "maskgit", "config": full_config, "step": step, "model": raw.state_dict(),
                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()})

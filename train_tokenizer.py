@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
@@ -31,8 +30,9 @@ from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from training.config import LogConfig, OptimConfig, to_dict
 from training.ema import EMA
 from training.plots import plot_usage
-from training.run import JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, main_guard, prepare_run_dir, resolve_config, write_json
-from training.sampler import StepSampler
+from training.run import (JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, check_replicas, main_guard,
+                          make_accelerator, prepare_run_dir, resolve_config, write_json)
+from training.sampler import step_loader
 from training.schedule import warmup_cosine
 
 
@@ -65,15 +65,6 @@ PRESETS = {
 }
 
 
-def build_train_loader(dataset, cfg: TrainTokenizerConfig, accelerator: Accelerator, start_batch: int) -> DataLoader:
-    sampler = StepSampler(len(dataset), cfg.optim.batch_size, seed=cfg.optim.seed, start_batch=start_batch,
-                          rank=accelerator.process_index, world=accelerator.num_processes)
-    workers = cfg.data.num_workers
-    return DataLoader(dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker, persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.optim.seed + start_batch))
-
-
 @torch.no_grad()
 def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.device) -> dict[str, float]:
     """Reconstruction MSE / PSNR (images scaled to [0, 1]) and codebook use over the validation split."""
@@ -102,7 +93,7 @@ def main() -> None:
     if cfg.data.resolution != cfg.model.resolution:
         raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
     o = cfg.optim
-    accelerator = Accelerator(mixed_precision=o.mixed_precision, gradient_accumulation_steps=o.grad_accum)
+    accelerator = make_accelerator(o.mixed_precision, o.grad_accum)
     set_seed(o.seed, device_specific=False)  # identical init on every rank: the codebook must agree
 
     # Data first: a bad path fails here, before any model is built.
@@ -134,7 +125,8 @@ def main() -> None:
     ema.model.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
 
-    loader = build_train_loader(train_set, cfg, accelerator, start_batch=step * o.grad_accum)
+    loader = step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum, rank=accelerator.process_index,
+                         world=accelerator.num_processes, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
     fixed = torch.stack([val_set[i]["image"] for i in range(min(8, len(val_set)))]).to(accelerator.device)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
     stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
@@ -143,7 +135,9 @@ def main() -> None:
     t0, images_seen = time.time(), 0
 
     def save() -> None:
+        sums = check_replicas(accelerator, raw)  # every process must hold the same weights and codebook
         if accelerator.is_main_process:
+            write_json(run_dir / "replicas.json", {"step": step, "processes": accelerator.num_processes, "checksums": sums})
             extra = {"discriminator": disc.state_dict(), "optimizer_d": opt_d.state_dict()} if opt_d else {}
             save_checkpoint(run_dir / "checkpoint.pt", {
                 "kind": "tokenizer", "config": to_dict(cfg), "step": step, "model": raw.state_dict(),

@@ -65,8 +65,8 @@ class VectorQuant(nn.Module):
       restored afterwards, so no gradient leaks into the affine parameters or into the main
       optimizer's accumulated gradients. The affine parameters do not take part in this step.
     * Under ``torch.distributed`` every replica ends with the identical codebook: k-means centers and
-      replaced codes are broadcast from rank 0, usage is all-reduced before deciding which codes are
-      dead, the in-place gradient and the running statistics are averaged over replicas.
+      replaced codes are broadcast from rank 0, code usage is all-reduced (max of last-used step) every step, the
+      in-place gradient and the running statistics are averaged over replicas.
     """
 
     def __init__(self, feature_size: int, num_codes: int, beta: float = 0.95, kmeans_init: bool = False,
@@ -188,6 +188,7 @@ class VectorQuant(nn.Module):
             q = nearest_code(zd, self.get_codebook(), self.chunk_elems)  # (N,)
         if self.training:
             self.last_used[q] = self.step
+            all_reduce_(self.last_used, "max")  # usage on any replica counts: replicas keep identical state
             if self.inplace_optimizer is not None:
                 self._inplace_step(zd, q)
 
@@ -247,7 +248,6 @@ class VectorQuant(nn.Module):
 
     @torch.no_grad()
     def _replace_dead_codes(self, z: Tensor) -> None:
-        all_reduce_(self.last_used, "max")  # a code used on any replica is alive
         dead = torch.nonzero(self.step - self.last_used >= self.replace_freq).squeeze(1)
         if dead.numel() > 0:
             picks = z[torch.randint(z.shape[0], (dead.numel(),), device=z.device)]

@@ -47,6 +47,8 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    for stale in run_dir.glob(".*.tmp"):  # atomic writes cut short by a kill: the targets are intact
+        stale.unlink(missing_ok=True)
     return run_dir
 
 
@@ -123,3 +125,34 @@ def main_guard(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+
+
+def state_checksum(module: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer, in order: equal checksums = bit-identical replicas."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_replicas(accelerator: Any, module: torch.nn.Module) -> list[str]:
+    """All processes must hold bit-identical weights (and codebooks); raise RunError if they do not."""
+    from accelerate.utils import gather_object
+
+    sums = gather_object([state_checksum(module)]) if accelerator.num_processes > 1 else [state_checksum(module)]
+    if len(set(sums)) > 1:
+        raise RunError(f"replicas diverged: weight checksums per process {sums}")
+    return sums
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int) -> Any:
+    """Accelerator for CPU / one GPU / many GPUs. Several processes without CUDA (torchrun or
+    ``accelerate launch --cpu``) run data-parallel on CPU with the gloo backend."""
+    from accelerate import Accelerator
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu)

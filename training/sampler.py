@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class StepSampler(Sampler[int]):
@@ -41,3 +41,13 @@ class StepSampler(Sampler[int]):
 
     def __len__(self) -> int:  # infinite; DataLoader only needs this for progress estimates
         return 2**62
+
+
+def step_loader(dataset, batch_size: int, seed: int, start_batch: int, rank: int = 0, world: int = 1,
+                num_workers: int = 0, worker_init_fn=None) -> DataLoader:
+    """DataLoader over a StepSampler. It has its own generator, so creating its iterator draws nothing
+    from the global RNG: a resumed run's RNG stream matches an uninterrupted one."""
+    sampler = StepSampler(len(dataset), batch_size, seed=seed, start_batch=start_batch, rank=rank, world=world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init_fn,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed + start_batch))

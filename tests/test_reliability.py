@@ -1,0 +1,173 @@
+"""Faults: kill -9 and resume, SIGTERM, NaN losses, unwritable/full disks, malicious checkpoints, 2-process DDP."""
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_DATA, run_script
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+TOK_ARGS = ["--preset", "tiny", *TINY_DATA, "data.flip=false", "data.num_workers=0", "log.log_every=1",
+            "log.image_every=1000", "log.ckpt_every=1", "optim.warmup_steps=2"]
+
+
+def _tokenizer_cmd(run_dir, steps, resume=True):
+    return [sys.executable, str(ROOT / "train_tokenizer.py"), "--run-dir", str(run_dir),
+            *(["--resume"] if resume else []), *TOK_ARGS, f"optim.steps={steps}"]
+
+
+def _maskgit_cmd(run_dir, runs, steps):
+    return [sys.executable, str(ROOT / "train_maskgit.py"), "--run-dir", str(run_dir), "--resume", "--codes",
+            str(runs["codes"]), "--tokenizer", str(runs["tokenizer"]), "--preset", "tiny", "optim.batch_size=8",
+            "model.dim=32", "model.depth=1", "model.heads=2", "log.log_every=1", "log.ckpt_every=1",
+            "log.image_every=1000", f"optim.steps={steps}"]
+
+
+def _kill_and_resume(cmd, run_dir, steps, kills, seed):
+    """SIGKILL the run at random moments (while it trains and writes checkpoints), resume each time."""
+    rng = random.Random(seed)
+    ckpt, last_step, survived = run_dir / "checkpoint.pt", 0, 0
+    for _ in range(kills):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not ckpt.exists() or load_checkpoint(ckpt)["step"] <= last_step:  # wait for progress ...
+            if proc.poll() is not None or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))  # ... then kill at a random moment
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = load_checkpoint(ckpt)["step"]  # (a) the latest checkpoint always loads
+        assert step >= last_step  # (b) never further back than the last completed checkpoint
+        last_step, survived = step, survived + 1
+        if step >= steps:
+            break
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return survived
+
+
+def _weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if isinstance(wa[k], torch.Tensor) and not torch.equal(wa[k], wb[k])]
+    assert not different, f"resumed run differs from uninterrupted run in {different[:5]}"
+
+
+def test_tokenizer_survives_sigkill_and_resumes_exactly(tmp_path):
+    steps = 8
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_tokenizer_cmd(straight, steps, resume=False), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    survived = _kill_and_resume(_tokenizer_cmd(killed, steps), killed, steps, kills=3, seed=0)
+    assert survived >= 1
+    assert load_checkpoint(killed / "checkpoint.pt")["step"] == steps
+    _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")  # (c) bit-identical on CPU
+    assert not list(killed.glob(".*.tmp"))  # temp files of writes cut short are cleaned up on resume
+
+
+def test_maskgit_survives_sigkill_and_resumes_exactly(tiny_runs, tmp_path):
+    steps = 8
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_maskgit_cmd(straight, tiny_runs, steps), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    survived = _kill_and_resume(_maskgit_cmd(killed, tiny_runs, steps), killed, steps, kills=2, seed=1)
+    assert survived >= 1
+    _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_tokenizer_cmd(run, 10_000) + ["log.ckpt_every=100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-1000:]
+    assert "SIGTERM: checkpoint saved" in err + _
+    assert load_checkpoint(run / "checkpoint.pt")["step"] >= 1
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(_tokenizer_cmd(run, 2), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    before = (run / "checkpoint.pt").read_bytes()
+    # An absurd learning rate makes the weights overflow: the loss (or the quantizer's input) becomes NaN/inf.
+    out = subprocess.run(_tokenizer_cmd(run, 6) + ["optim.lr=1e30", "optim.nan_policy=stop", "optim.grad_clip=0",
+                                                   "log.ckpt_every=1000"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "non-finite" in out.stderr and "Traceback" not in out.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before  # the last good checkpoint is untouched
+
+
+def test_unwritable_run_dir_is_a_clear_error_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = run_script(ROOT / "train_tokenizer.py", "--run-dir", blocker / "run", *TOK_ARGS, "optim.steps=1", check=False)
+    assert out.returncode == 2 and "not writable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_full_disk_at_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"kind": "tokenizer", "step": 1, "model": {"w": torch.ones(3)}})
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint is intact"):
+        save_checkpoint(path, {"kind": "tokenizer", "step": 2, "model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_checkpoint_is_refused_without_running(tmp_path, tiny_runs):
+    marker, evil = tmp_path / "pwned", tmp_path / "checkpoint.pt"
+    torch.save({"format": "straight-maskgit", "kind": "tokenizer", "model": _Exploit(marker)}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+    for cmd in (["sample.py", "--tokenizer", evil, "--maskgit", tiny_runs["maskgit"], "--grid", tmp_path / "g.png"],
+                ["sample.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", evil, "--grid", tmp_path / "g.png"],
+                ["pretokenize.py", "--tokenizer", evil, "--out", tmp_path / "codes"],
+                ["train_tokenizer.py", "--run-dir", tmp_path, "--resume", *TOK_ARGS]):
+        out = run_script(ROOT / cmd[0], *cmd[1:], check=False)
+        assert out.returncode == 2 and "refused" in out.stderr and "Traceback" not in out.stderr, out.stderr[-500:]
+    assert not marker.exists()  # nothing ran
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_runs):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(tiny_runs["tokenizer"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_two_process_ddp_keeps_replicas_bit_identical(tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train_tokenizer.py"), "--run-dir", str(run), *TOK_ARGS, "optim.steps=4", "log.ckpt_every=2",
+           "model.vq.replace_freq=2", "data.num_images=128"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    replicas = json.loads((run / "replicas.json").read_text())
+    assert replicas["processes"] == 2 and replicas["step"] == 4
+    assert len(set(replicas["checksums"])) == 1  # k-means init, replacement and in-place steps agree
