@@ -1,0 +1,100 @@
+"""The whole pipeline at tiny scale on the built-in procedural faces (no download), then a report.
+
+    python demo.py                      # `make demo`: about 10 minutes on 2 CPU cores
+    python demo.py --scale smoke        # seconds: the test suite's end-to-end check
+
+Stages (each one a script you can run yourself, each resumable): train_tokenizer.py -> pretokenize.py
+-> train_maskgit.py -> sample.py -> python -m eval (FID when the Inception weights are found,
+otherwise SWD, labelled as such) -> report.py. Everything goes to --run (default runs/demo).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# Steps and sizes per scale. "demo" is sized for ~10 minutes on 2 CPU cores.
+SCALES = {
+    "demo": dict(tok=["optim.steps=1500"], mg=["optim.steps=1500"], samples=1000, ref_images=400, eval_batch=100),
+    "smoke": dict(tok=["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"],
+                  mg=["optim.steps=3", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"],
+                  samples=16, ref_images=16, eval_batch=16),
+}
+
+
+def stage(name: str, cmd: list[str]) -> None:
+    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+    t = time.time()
+    result = subprocess.run([sys.executable, *cmd], cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"demo: stage '{name}' failed (exit {result.returncode}); fix the error above and re-run: "
+                 "finished stages resume from their checkpoints")
+    print(f"== {name}: done in {time.time() - t:.0f} s", flush=True)
+
+
+def write_reference_images(tokenizer_run: Path, folder: Path, n: int) -> None:
+    """The tokenizer's validation split (same data config) as PNGs: the reference set for SWD / FID."""
+    import json
+
+    from torchvision.utils import save_image
+
+    from data import DataConfig, build_dataset
+    from training.config import from_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = from_dict(DataConfig, json.loads((tokenizer_run / "config.json").read_text())["data"])
+    dataset = build_dataset(cfg, "val", train=False)
+    for i in range(min(n, len(dataset))):
+        save_image((dataset[i]["image"] + 1) / 2, folder / f"{i:05d}.png")
+
+
+def inception_weights_available() -> bool:
+    from eval.inception import find_weights
+
+    try:
+        find_weights(None)
+        return True
+    except Exception:  # any reason it cannot be found: the demo falls back to SWD and says so
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/demo", help="output directory")
+    p.add_argument("--scale", default="demo", choices=sorted(SCALES))
+    args = p.parse_args()
+    s, run = SCALES[args.scale], Path(args.run).resolve()
+    tok, codes, mg = run / "tokenizer", run / "codes", run / "maskgit"
+    t0 = time.time()
+    stage("tokenizer", ["train_tokenizer.py", "--preset", "tiny", "--run-dir", str(tok), "--resume", *s["tok"]])
+    stage("pretokenize", ["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)])
+    stage("maskgit", ["train_maskgit.py", "--preset", "tiny", "--run-dir", str(mg), "--resume", "--codes", str(codes),
+                      "--tokenizer", str(tok / "checkpoint.pt"), *s["mg"]])
+    stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
+                     "--grid", str(run / "samples_grid.png"), "--grid-size", "64", "--num-images", str(s["samples"]),
+                     "--out-dir", str(run / "samples")])
+    have_fid = inception_weights_available()
+    metrics = "auto" if have_fid else "swd"
+    if not have_fid:
+        print("\nNo Inception weights found: evaluating with SWD (sliced Wasserstein distance), not FID. "
+              "To get FID, put weights-inception-2015-12-05-6726825d.pth where the README says and re-run.")
+    ref_images = run / "eval" / "reference_val"
+    write_reference_images(tok, ref_images, s["ref_images"])
+    score = ["-m", "eval", "score", str(run / "samples"), "--ref-images", str(ref_images), "--run-dir", str(run / "eval"),
+             "--name", "generation", "--batch-size", str(s["eval_batch"])]
+    if have_fid:
+        ref = run / "eval" / "ref_val.npz"
+        stage("fid-ref", ["-m", "eval", "ref", "--images", str(ref_images), "--out", str(ref)])
+        stage("fid", [*score, "--ref", str(ref), "--metrics", "auto"])
+    else:
+        stage("swd", [*score, "--metrics", "swd"])
+    stage("report", ["report.py", "--run", str(run)])
+    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Report: {run / 'report.md'} (and {run / 'index.html'})")
+
+
+if __name__ == "__main__":
+    main()
