@@ -27,13 +27,19 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     codebook = codebook.float()
     n, k = z.shape[0], codebook.shape[0]
     c_sq = codebook.square().sum(1)  # (K,)
-    rows = max(1, chunk_elems // max(k, 1))
+    rows = max(1, min(n, chunk_elems // max(k, 1)))
     out = torch.empty(n, dtype=torch.long, device=z.device)
     cb_t = codebook.t()
+    # One scores buffer for all chunks, written by addmm(out=) and read by argmin(out=): a fresh 64 MiB
+    # tensor per chunk is a fresh mmap on CPU, whose page faults cost ~1/3 of the search at large K
+    # (bench/bench_vq.py). Fewer, larger chunks beat cache-sized ones: each matmul call re-packs the
+    # codebook and synchronises the thread pool.
+    scores = torch.empty(rows, k, device=z.device)  # (rows, K)
     for start in range(0, n, rows):
         zc = z[start : start + rows]
-        scores = torch.addmm(c_sq, zc, cb_t, beta=1.0, alpha=-2.0)  # (rows, K)
-        out[start : start + rows] = scores.argmin(1)
+        s = scores[: zc.shape[0]]
+        torch.addmm(c_sq, zc, cb_t, beta=1.0, alpha=-2.0, out=s)
+        torch.argmin(s, 1, out=out[start : start + rows])
     return out
 
 
