@@ -191,16 +191,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
+    if args.ref is None and not (args.metrics == "swd" and args.ref_images):
+        raise EvalError("gen: --ref (reference statistics) is required, except for --metrics swd with --ref-images")
     extractor = _extractor(args) if _needs_inception(args) else None
-    reference = load_reference(args.ref)
-    # ---- LEAD: wiring to the sampler. `sample.generate` yields uint8 image batches (B, 3, R, R). ----
-    from sample import generate
+    reference = load_reference(args.ref) if args.ref else None
+    from sample import generate, load_models
 
-    batches = generate(args.tokenizer, args.maskgit, n=args.n, batch_size=args.gen_batch_size, seed=args.seed,
-                       steps=args.steps, cfg_scale=args.cfg_scale)
-    # ---- end of wiring ----
-    swd_batches = _swd_reference_batches(args, reference, reference.resolution)
-    metrics = _metrics(args, kid_available=reference.features is not None, swd_available=swd_batches is not None)
+    tokenizer, model, _ = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
+    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, steps=args.steps,
+                       cfg_scale=args.cfg_scale, progress=False)
+    resolution = reference.resolution if reference else tokenizer.cfg.resolution
+    swd_batches = _swd_reference_batches(args, reference, resolution)
+    metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
+                       swd_available=swd_batches is not None)
     sampling = {"n": args.n, "seed": args.seed, "steps": args.steps, "cfg_scale": args.cfg_scale,
                 "batch_size": args.gen_batch_size}
     result = score_images(batches, reference, extractor, metrics=metrics, swd_reference=swd_batches,
@@ -217,7 +220,6 @@ def cmd_rfid(args: argparse.Namespace) -> int:
     if bool(args.images) == bool(args.data):
         raise EvalError("rfid: give exactly one of --data (a dataset split) or --images (a folder / .npz)")
     extractor = _extractor(args) if _needs_inception(args) else None
-    # ---- LEAD: wiring to the tokenizer. reconstruct: float [-1, 1] (B, 3, R, R) -> float [-1, 1]. ----
     from tokenizer import load_tokenizer
 
     model, _tok_cfg = load_tokenizer(args.tokenizer, ema=not args.no_ema)
@@ -226,7 +228,6 @@ def cmd_rfid(args: argparse.Namespace) -> int:
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         z_q, _indices, _info = model.encode(x.to(args.device))
         return model.decode(z_q)
-    # ---- end of wiring ----
     if args.images:
         images = open_images(args.images, args.resolution)
         batches, n = images.batches(args.batch_size), images.count
@@ -275,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="guidance weight w (conditional models only)")
     p.add_argument("--gen-batch-size", type=int, default=100)
-    p.add_argument("--ref", required=True)
+    p.add_argument("--ref", help="reference statistics .npz (required unless --metrics swd with --ref-images)")
     p.add_argument("--ref-images", help="reference images (folder / .npz) for SWD")
     _add_weights_flags(p)
     _add_score_flags(p, "gen_<maskgit>_n<N>")

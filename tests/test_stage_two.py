@@ -96,3 +96,23 @@ def test_code_dtype_fits_the_codebook():
     assert code_dtype(1024) == np.int16 and code_dtype(32768) == np.int16 and code_dtype(32769) == np.int32
     with pytest.raises(CodeFileError, match="does not fit"):
         code_dtype(2**33)
+
+
+def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
+    """`python -m eval gen` and `rfid` on the tiny checkpoints, with the weight-free metric (no Inception here)."""
+    from torchvision.utils import save_image
+    from data import DataConfig, build_dataset
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    dataset = build_dataset(DataConfig(num_images=64, resolution=32), "val", train=False)
+    for i in range(len(dataset)):
+        save_image((dataset[i]["image"] + 1) / 2, ref / f"{i}.png")
+    out = run_script("-m", "eval", "gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"],
+                     "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path)
+    result = json.loads(next(tmp_path.glob("gen_*.json")).read_text())
+    assert result["metrics"]["SWD_x1e3_mean"] > 0 and result["protocol"]["sampling"]["n"] == 8
+    assert not any("FID" in k for k in result["metrics"]), out.stdout
+    run_script("-m", "eval", "rfid", "--tokenizer", tiny_runs["tokenizer"], "--images", ref, "--metrics", "swd",
+               "--run-dir", tmp_path, "--name", "recon")
+    recon = json.loads((tmp_path / "recon.json").read_text())
+    assert recon["metrics"]["SWD_x1e3_mean"] > 0
