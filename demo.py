@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent
 
 # Steps and sizes per scale. "demo" is sized for ~10 minutes on 2 CPU cores.
 SCALES = {
-    "demo": dict(tok=["optim.steps=1500"], mg=["optim.steps=1500"], samples=1000, ref_images=400, eval_batch=100),
+    "demo": dict(tok=["optim.steps=1000"], mg=["optim.steps=1200"], samples=1000, ref_images=400, eval_batch=100),
     "smoke": dict(tok=["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"],
                   mg=["optim.steps=3", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"],
                   samples=16, ref_images=16, eval_batch=16),
