@@ -366,8 +366,11 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
     a, _ = folders
     reference_images = torch.cat(list(open_folder(a).batches(N)))  # (N, 3, RES, RES) uint8
 
-    def generate(tokenizer_ckpt, maskgit_ckpt, n, batch_size, seed, steps, cfg_scale):
-        assert (tokenizer_ckpt, maskgit_ckpt, n, seed) == ("tok.pt", "mg.pt", N, 3)
+    def load_models(tokenizer_ckpt, maskgit_ckpt, ema, device):
+        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {}
+
+    def generate(tok, model, n, batch_size, seed, steps, cfg_scale, progress):
+        assert (tok, model, n, seed) == ("model:tok.pt", "model:mg.pt", N, 3)
         yield from reference_images.split(batch_size)
 
     class Identity(torch.nn.Module):
@@ -378,7 +381,7 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
         def decode(self, z):
             return z
 
-    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate))
+    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate, load_models=load_models))
     monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path, ema=True: (Identity(), None), raising=False)
     common = ["--metrics", "swd", "--run-dir", str(tmp_path), "--swd-max-images", str(N), "--device", "cpu"]
     assert main(["gen", "--tokenizer", "tok.pt", "--maskgit", "mg.pt", "--n", str(N), "--seed", "3",
