@@ -65,22 +65,22 @@ def _assert_same_weights(a, b):
     assert not different, f"resumed run differs from uninterrupted run in {different[:5]}"
 
 
-def test_tokenizer_survives_sigkill_and_resumes_exactly(tmp_path):
-    steps = 8
+@pytest.mark.parametrize("steps,kills", [(6, 2), pytest.param(30, 10, marks=pytest.mark.slow)])
+def test_tokenizer_survives_sigkill_and_resumes_exactly(tmp_path, steps, kills):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_tokenizer_cmd(straight, steps, resume=False), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    survived = _kill_and_resume(_tokenizer_cmd(killed, steps), killed, steps, kills=3, seed=0)
+    survived = _kill_and_resume(_tokenizer_cmd(killed, steps), killed, steps, kills=kills, seed=0)
     assert survived >= 1
     assert load_checkpoint(killed / "checkpoint.pt")["step"] == steps
     _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")  # (c) bit-identical on CPU
     assert not list(killed.glob(".*.tmp"))  # temp files of writes cut short are cleaned up on resume
 
 
-def test_maskgit_survives_sigkill_and_resumes_exactly(tiny_runs, tmp_path):
-    steps = 8
+@pytest.mark.parametrize("steps,kills", [(6, 1), pytest.param(30, 10, marks=pytest.mark.slow)])
+def test_maskgit_survives_sigkill_and_resumes_exactly(tiny_runs, tmp_path, steps, kills):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_maskgit_cmd(straight, tiny_runs, steps), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    survived = _kill_and_resume(_maskgit_cmd(killed, tiny_runs, steps), killed, steps, kills=2, seed=1)
+    survived = _kill_and_resume(_maskgit_cmd(killed, tiny_runs, steps), killed, steps, kills=kills, seed=1)
     assert survived >= 1
     _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")
 
