@@ -17,6 +17,18 @@ def run_script(*args, check=True, timeout=300):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine thread contention
+    makes their tests several times slower. Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
     """Paths of a 2-step tokenizer, its code files and a 3-step MaskGIT (attribute-conditional)."""

@@ -15,14 +15,7 @@ from transformer.decoding import _sample
 K, GRID, N = 16, (4, 4), 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine thread
-    contention makes these tests several times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SPEC_GAMMA = {  # METHOD.md sec. 5, written independently of transformer/schedule.py
     "cosine": lambda r: math.cos(math.pi / 2 * r),
     "linear": lambda r: 1 - r,
