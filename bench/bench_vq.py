@@ -87,10 +87,12 @@ def step(impl: str, vq, z, g, autocast: bool):
 
 
 def inputs(n: int, d: int, device: str):
+    """z (N, d) as an encoder would hand it over: fp32 on CPU, bf16 (autocast output) on CUDA."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    z = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    z = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_(True)
     g = (torch.randn(n, d, generator=gen) / n).to(device)
     return z, g
 
@@ -211,6 +213,7 @@ def main() -> None:
     p.add_argument("--mem-limit-gib", type=float, default=8.0,
                    help="CPU: address-space budget of each subprocess above torch's own mappings")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    p.add_argument("--sizes", nargs="+", metavar="NxDxK", help="run only these sizes, e.g. 16384x64x1024")
     p.add_argument("--out", default="runs/bench/vq.json")
     # internal: one measurement in a fresh process
     p.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
@@ -233,29 +236,61 @@ def main() -> None:
     from importlib.metadata import version
 
     cases = FULL if a.full else QUICK
+    if a.sizes:
+        cases = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
     reps = a.reps or (5 if a.full else 3)
+    meta = {
+        "device": a.device, "dtype": "z bf16 under bf16 autocast (quantizer math fp32)" if a.device == "cuda" else "fp32",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "peer": f"vector-quantize-pytorch {version('vector-quantize-pytorch')}",
+        "peer_kwargs": PEER_KWARGS, "ours_kwargs": OURS_KWARGS, "reps": reps,
+        "grid": "sizes" if a.sizes else "full" if a.full else "quick",
+        "mem_limit_gib": a.mem_limit_gib if a.device == "cpu" else None,
+        "step": "vq(z); (loss + <out, g>).backward(); z (N, d), g fixed, training mode",
+        "time": "median of alternating ours/peer repetitions in one subprocess per size (1 warm-up each)",
+        "memory": "peak RSS (VmHWM) of one step minus RSS before it, fresh subprocess per (layer, size)"
+                  if a.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated before the step",
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    rows = []
+    rows: list[dict] = []
     for n, d, k in cases:
-        size = ["--n", str(n), "--d", str(d), "--k", str(k)]
-        mem = {impl: run_worker(a, ["--worker", "mem", "--impl", impl, *size], a.timeout) for impl in ("ours", "peer")}
-        skip = [impl for impl in mem if mem[impl]["status"] != "ok"]  # known not to fit: do not retry
-        timing = run_worker(a, ["--worker", "time", "--reps", str(reps), *size, "--skip", *skip], a.timeout) \
-            if len(skip) < 2 else {}
-        row = {"n": n, "d": d, "k": k}
-        for impl in ("ours", "peer"):
-            t = timing.get(impl, {}) if isinstance(timing.get(impl), dict) else {}
-            status = mem[impl]["status"] if mem[impl]["status"] != "ok" else t.get("status", timing.get("status", "?"))
-            row[impl] = {"status": status, "ms": t.get("ms"), "ms_all": t.get("ms_all"),
-                         "peak_mib": mem[impl].get("peak_mib"), "error": mem[impl].get("error") or t.get("error")}
-        ours_ms, peer_ms = row["ours"]["ms"], row["peer"]["ms"]
-        row["ratio_peer_over_ours"] = peer_ms / ours_ms if ours_ms and peer_ms else None
-        row["index_agreement"] = timing.get("index_agreement")
-        rows.append(row)
-        print(f"  N={n} d={d} K={k}: ours {fmt(ours_ms, '.1f')} ms [{row['ours']['status']}], "
-              f"peer {fmt(peer_ms, '.1f')} ms [{row['peer']['status']}]", file=sys.stderr, flush=True)
-    elapsed = time.time() - t_start
+        rows.append(measure(a, n, d, k, reps))
+        meta["elapsed_s"] = time.time() - t_start
+        meta["complete"] = len(rows) == len(cases)
+        # Written after every size, so an interrupted --full run keeps what it measured.
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table(rows)}, indent=2) + "\n")
+    print(f"VectorQuant vs {meta['peer']} ({a.device}, {meta['dtype']}, {meta['threads']} threads, "
+          f"median of {reps} alternating reps; memory = peak of one step above its inputs)")
+    print(f"peer kwargs: {PEER_KWARGS}")
+    print("\n".join(table(rows)))
+    print(f"total {meta['elapsed_s']:.0f} s")
+    print(f"-> {out}")
 
+
+def measure(a: argparse.Namespace, n: int, d: int, k: int, reps: int) -> dict:
+    """Memory of each layer (a subprocess each), then both timed in turns (one subprocess)."""
+    size = ["--n", str(n), "--d", str(d), "--k", str(k)]
+    mem = {impl: run_worker(a, ["--worker", "mem", "--impl", impl, *size], a.timeout) for impl in ("ours", "peer")}
+    skip = [impl for impl in mem if mem[impl]["status"] != "ok"]  # known not to fit: do not retry
+    timing = run_worker(a, ["--worker", "time", "--reps", str(reps), *size, "--skip", *skip], a.timeout) \
+        if len(skip) < 2 else {}
+    row = {"n": n, "d": d, "k": k}
+    for impl in ("ours", "peer"):
+        t = timing.get(impl, {}) if isinstance(timing.get(impl), dict) else {}
+        status = mem[impl]["status"] if mem[impl]["status"] != "ok" else t.get("status", timing.get("status", "?"))
+        row[impl] = {"status": status, "ms": t.get("ms"), "ms_all": t.get("ms_all"),
+                     "peak_mib": mem[impl].get("peak_mib"), "error": mem[impl].get("error") or t.get("error")}
+    ours_ms, peer_ms = row["ours"]["ms"], row["peer"]["ms"]
+    row["ratio_peer_over_ours"] = peer_ms / ours_ms if ours_ms and peer_ms else None
+    row["index_agreement"] = timing.get("index_agreement")
+    print(f"  N={n} d={d} K={k}: ours {fmt(ours_ms, '.1f')} ms [{row['ours']['status']}], "
+          f"peer {fmt(peer_ms, '.1f')} ms [{row['peer']['status']}]", file=sys.stderr, flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> list[str]:
     header = ("N", "d", "K", "ours ms", "peer ms", "peer/ours", "ours MiB", "peer MiB", "agree")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -266,27 +301,7 @@ def main() -> None:
             f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", cell("ours", "ms", ".1f"), cell("peer", "ms", ".1f"),
             fmt(r["ratio_peer_over_ours"], ".2f"), cell("ours", "peak_mib", ".0f"), cell("peer", "peak_mib", ".0f"),
             fmt(r["index_agreement"], ".4f")]) + " |")
-    meta = {
-        "device": a.device, "dtype": "bf16 autocast (quantizer math fp32)" if a.device == "cuda" else "fp32",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "platform": platform.platform(), "peer": f"vector-quantize-pytorch {version('vector-quantize-pytorch')}",
-        "peer_kwargs": PEER_KWARGS, "ours_kwargs": OURS_KWARGS, "reps": reps, "grid": "full" if a.full else "quick",
-        "mem_limit_gib": a.mem_limit_gib if a.device == "cpu" else None,
-        "step": "vq(z); (loss + <out, g>).backward(); z (N, d) fp32, g fixed, training mode",
-        "time": "median of alternating ours/peer repetitions in one subprocess per size (1 warm-up each)",
-        "memory": "peak RSS (VmHWM) of one step minus RSS before it, fresh subprocess per (layer, size)"
-                  if a.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated before the step",
-        "elapsed_s": elapsed,
-    }
-    print(f"VectorQuant vs {meta['peer']} ({a.device}, {meta['dtype']}, {meta['threads']} threads, "
-          f"median of {reps} alternating reps; memory = peak of one step above its inputs)")
-    print(f"peer kwargs: {PEER_KWARGS}")
-    print("\n".join(lines))
-    print(f"total {elapsed:.0f} s")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": lines}, indent=2) + "\n")
-    print(f"-> {out}")
+    return lines
 
 
 def _cuda_available() -> bool:
