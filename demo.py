@@ -53,12 +53,13 @@ def write_reference_images(tokenizer_run: Path, folder: Path, n: int) -> None:
 
 
 def inception_weights_available() -> bool:
+    from eval.errors import WeightsError
     from eval.inception import find_weights
 
     try:
         find_weights(None)
         return True
-    except Exception:  # any reason it cannot be found: the demo falls back to SWD and says so
+    except WeightsError:  # not found (or a bad env path): the demo falls back to SWD and says so
         return False
 
 
