@@ -1,12 +1,14 @@
 """The paper's ablation ladder on real faces: the same small tokenizer trained once per VQ variant.
 
-    python bench/ablation.py --quick                  # CPU smoke budget: ~3 min per variant, 2 busy cores
+    python bench/ablation.py --quick                  # CPU: 150 steps, ~1.5 min per variant on 2 idle cores
+    python bench/ablation.py --steps 1000             # CPU, ~7 min per variant: reconstruction starts to separate
     python bench/ablation.py --steps 5000             # one GPU: a budget where the ladder can separate
     python bench/ablation.py --quick --variants baseline opt_affine --data /path/to/images
 
 Huh et al. (ICML 2023, Fig. 7 / Table 2): baseline -> +l2 +replace -> +affine -> +OPT -> +OPT +affine,
 the variants of ``tokenizer.config.VQ_VARIANTS``. Each variant is a subprocess call of
-``train_tokenizer.py --preset small`` (64x64 -> 16x16 tokens, 512 codes of dim 16, batch 32) with the
+``train_tokenizer.py --preset small`` (64x64 -> 16x16 tokens, 512 codes of dim 16, channels 16/32/64,
+0.57M parameters, batch 32) with the
 same seed, steps and data: the seeded 9,000-image train split of the shared 10,000 CelebA images
 (70x70 face crop = "crop 140", resized to 64). Every VQ option is set explicitly, starting from
 ``VQConfig``'s defaults and applying the variant, because the preset itself carries *all* fixes.
@@ -55,14 +57,13 @@ from tokenizer.kmeans import code_histogram, perplexity  # noqa: E402
 
 LADDER = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
 VQ_KEYS = ("kmeans_init", "norm", "cb_norm", "replace_freq", "affine_lr", "inplace_lr", "sync_nu", "beta")
-# --quick: the step count measured to keep one variant (startup, training, evaluation) near 3 minutes
-# on 2 CPU cores shared with other jobs (1-5 s per step of batch 32 there, depending on their load).
-# That is a smoke-level budget: the EMA decay and warmup are shortened to match it (the preset's 0.99
-# EMA would still be 74 % random init after 30 steps), and SWD uses 32 patches per image and level
-# instead of 128 (on 1,000 images the full setting takes 1-2 minutes per variant on those cores; values
-# depend on the patch count, so compare SWD only within one table). Without --quick the preset's
-# optimizer settings and eval/swd.py's default SWDConfig are used.
-QUICK = dict(steps=30, log_every=3, ema_decay=0.9, warmup_steps=4, swd_patches=32)
+# --quick: the budget that keeps one variant (startup, training, evaluation) near 1.5 minutes on 2 idle
+# CPU cores (~0.4 s per step of batch 32), so that `make bench` stays under 20 minutes. It is a short
+# budget: the EMA decay and warmup are shortened to match it (the preset's 0.99 EMA would still hold
+# 22 % of the random init after 150 steps), and SWD uses 32 patches per image and level instead of 128
+# (values depend on the patch count, so compare SWD only within one table). Without --quick the
+# preset's optimizer settings and eval/swd.py's default SWDConfig are used.
+QUICK = dict(steps=150, log_every=10, ema_decay=0.95, warmup_steps=10, swd_patches=32)
 
 
 def vq_settings(variant: str) -> dict:
@@ -169,7 +170,7 @@ def fmt(v, spec: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"CPU smoke budget: {QUICK['steps']} steps, EMA {QUICK['ema_decay']}, warmup {QUICK['warmup_steps']}")
+                   help=f"CPU budget: {QUICK['steps']} steps, EMA {QUICK['ema_decay']}, warmup {QUICK['warmup_steps']}")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default 5000; --quick: "
                    f"{QUICK['steps']})")
     p.add_argument("--variants", nargs="+", default=LADDER, choices=list(VQ_VARIANTS))
@@ -177,9 +178,9 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=None, help="default 50; --quick: 2")
-    p.add_argument("--ema-decay", type=float, default=None, help="default: the preset's; --quick: 0.9")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: the preset's; --quick: 4")
+    p.add_argument("--log-every", type=int, default=None, help=f"default 50; --quick: {QUICK['log_every']}")
+    p.add_argument("--ema-decay", type=float, default=None, help=f"default: the preset's; --quick: {QUICK['ema_decay']}")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"default: the preset's; --quick: {QUICK['warmup_steps']}")
     p.add_argument("--swd-patches", type=int, default=None,
                    help="SWD patches per image and level (default: SWDConfig's 128; --quick: 32)")
     p.add_argument("--trainer-val-batches", type=int, default=None,

@@ -14,7 +14,11 @@ and written as PNG files, so both pipelines decode the same files.
 
 Without ``--weights`` a random-initialised network is used (speed does not depend on the weights).
 
-    python bench/bench_fid.py --images /work/celeba_tmp --n 1000 [--device cpu] [--out runs/bench/fid.json]
+    python bench/bench_fid.py --quick          # 200 images, ~3 min on 2 CPU cores
+    python bench/bench_fid.py --n 1000 [--data FOLDER] [--device cpu] [--out runs/bench/fid.json]
+
+``--data`` takes an image folder, a tarball, or a folder of tarballs (default: the shared CelebA copy,
+extracted once under runs/cache, as bench_loader.py does).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for _path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):  # repo; bench_loader
+    sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,6 +41,7 @@ import torch_fidelity  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch_fidelity.metric_fid import fid_statistics_to_metric  # noqa: E402
 
+from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
 from data.images import find_images, load_rgb  # noqa: E402
 from data.transforms import preprocess_uint8  # noqa: E402
 from eval.images import open_folder  # noqa: E402
@@ -43,6 +49,7 @@ from eval.inception import FEATURE_DIM, InceptionExtractor, make_random_weights 
 from eval.stats import FeatureStats, frechet_distance  # noqa: E402
 
 SMALL = 8  # images in torch-fidelity's second input
+QUICK_N = 200
 
 
 def prepare(images: Path, n: int, resolution: int, crop: int, out: Path) -> None:
@@ -67,8 +74,10 @@ def run_ours(folder: Path, extractor: InceptionExtractor, batch_size: int) -> tu
 def main() -> None:
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # torch-fidelity's 4 workers
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", default="/work/celeba_tmp", help="folder of CelebA aligned images")
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--data", "--images", default=DEFAULT_DATA,
+                   help="CelebA aligned images: a folder, a tarball or a folder of tarballs")
+    p.add_argument("--quick", action="store_true", help=f"--n {QUICK_N} (unless --n is given)")
+    p.add_argument("--n", type=int, default=None, help=f"images (default 1000; --quick: {QUICK_N})")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--crop", type=int, default=140, help="center crop in the 178-px frame (data package)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -76,11 +85,13 @@ def main() -> None:
     p.add_argument("--weights", help="Inception weights (default: random, written to a temp dir)")
     p.add_argument("--out", default="runs/bench/fid.json")
     args = p.parse_args()
+    args.n = args.n or (QUICK_N if args.quick else 1000)
+    folder = resolve_image_folder(args.data)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        prepare(Path(args.images), args.n, args.resolution, args.crop, tmp / "png")
+        prepare(folder, args.n, args.resolution, args.crop, tmp / "png")
         prep_s = time.perf_counter() - t
         weights = Path(args.weights) if args.weights else make_random_weights(tmp / "random-inception.pth")
         extractor = InceptionExtractor.load(weights, allow_unverified=True, device=args.device)
@@ -121,7 +132,7 @@ def main() -> None:
         row["images_per_s"] = row["images"] / row["seconds"]
     result = {
         "rows": rows, "frechet_seconds": {"ours (svd)": ours_fid_s, "torch-fidelity (eigvals)": tf_fid_s},
-        "setup": {"n": args.n, "resolution": args.resolution, "crop": args.crop, "batch_size": args.batch_size,
+        "setup": {"data": str(folder), "n": args.n, "resolution": args.resolution, "crop": args.crop, "batch_size": args.batch_size,
                   "device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "load_avg": os.getloadavg(), "torch": torch.__version__,
                   "torch_fidelity": torch_fidelity.__version__, "weights": extractor.describe(),

@@ -1,0 +1,81 @@
+"""The bench/ scripts run end to end at toy sizes and write what BENCHMARKS.md is built from.
+
+No timing is asserted here (speed is measured by the scripts themselves, never by tests); these
+tests keep `make bench` from breaking unnoticed, on a folder of generated face images instead of
+the shared CelebA copy.
+"""
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_script
+
+
+@pytest.fixture(scope="module")
+def face_folder(tmp_path_factory):
+    """100 procedural 64x64 faces written as PNG files: an image folder like the CelebA copy."""
+    from data import DataConfig, build_dataset, to_uint8
+
+    folder = tmp_path_factory.mktemp("faces")
+    cfg = DataConfig(source="procedural", resolution=64, num_images=100)
+    faces = [ds[i]["image"] for split in ("train", "val") for ds in [build_dataset(cfg, split)] for i in range(len(ds))]
+    assert len(faces) == 100
+    for i, x in enumerate(faces):
+        Image.fromarray(to_uint8(x).permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_stage_two_bench(tmp_path):
+    out = tmp_path / "s2.json"
+    run_script(ROOT / "bench/bench_stage_two.py", "--configs", "tiny:tiny", "--batch-size", "2", "--repeats", "1",
+               "--out", out)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["tokens_per_image"] == 64 and r["maskgit_preset"] == "tiny"
+    assert r["train_steps_per_s"]["ratio"] > 0
+    assert set(r["sampling_images_per_s"]) >= {"maskgit_T8", "maskgit_T12", "sequential", "speedup_T8_vs_sequential"}
+
+
+def test_loader_bench(face_folder, tmp_path):
+    out = tmp_path / "loader.json"
+    run_script(ROOT / "bench/bench_loader.py", "--data", face_folder, "--batch-size", "2", "--rounds", "1",
+               "--steps", "1", "--workers", "0", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["meta"]["images"] == 90  # the seeded 90 / 10 split of the 100 files
+    assert [r["mode"] for r in result["rows"]] == ["memory", "files w=0", "cache w=0"]
+    assert all(r["loader_only_images_per_s"] > 0 for r in result["rows"][1:])
+
+
+def test_fid_bench_random_weights(face_folder, tmp_path):
+    out = tmp_path / "fid.json"
+    run_script(ROOT / "bench/bench_fid.py", "--data", face_folder, "--n", "4", "--batch-size", "4", "--out", out)
+    result = json.loads(out.read_text())
+    assert result["setup"]["n"] == 4
+    assert result["setup"]["weights"]["standard_weights"] is False  # random weights: a speed number, never a FID
+    assert all(row["images_per_s"] > 0 for row in result["rows"].values())
+
+
+def test_ablation_two_variants(face_folder, tmp_path):
+    runs = tmp_path / "ablation"
+    run_script(ROOT / "bench/ablation.py", "--data", face_folder, "--variants", "baseline", "opt_affine",
+               "--steps", "2", "--batch-size", "4", "--log-every", "1", "--swd-patches", "8", "--runs-dir", runs,
+               timeout=600)
+    result = json.loads((runs / "ablation.json").read_text())
+    assert result["meta"]["split"] == {"train": 90, "val": 10}
+    for variant in ("baseline", "opt_affine"):
+        r = result["results"][variant]
+        assert r["returncode"] == 0, r.get("error")
+        assert r["metrics"]["val_images"] == 10 and 0 < r["metrics"]["codes_used"] <= 1
+        assert r["metrics"]["swd"] is not None and len(r["log"]) == 2
+    assert result["results"]["opt_affine"]["vq"]["inplace_lr"] > 0 and result["results"]["baseline"]["vq"]["inplace_lr"] == 0
+    assert (runs / "codes_used.png").stat().st_size > 0
+
+
+def test_vq_bench_one_size(tmp_path):
+    pytest.importorskip("vector_quantize_pytorch", reason="the peer is a bench-only dependency (make bench installs it)")
+    out = tmp_path / "vq.json"
+    run_script(ROOT / "bench/bench_vq.py", "--sizes", "256x16x64", "--reps", "1", "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["n"], row["d"], row["k"]) == (256, 16, 64)
+    assert row["ours"]["status"] == "ok" and row["peer"]["status"] == "ok"
+    assert row["index_agreement"] > 0.99  # both layers pick the same nearest codes
