@@ -23,7 +23,6 @@ extracted once under runs/cache, as bench_loader.py does).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -41,7 +40,7 @@ import torch_fidelity  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch_fidelity.metric_fid import fid_statistics_to_metric  # noqa: E402
 
-from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
+from bench_loader import DEFAULT_DATA, resolve_image_folder, write_json  # noqa: E402
 from data.images import find_images, load_rgb  # noqa: E402
 from data.transforms import preprocess_uint8  # noqa: E402
 from eval.images import open_folder  # noqa: E402
@@ -143,10 +142,7 @@ def main() -> None:
         print(f"{name:52s} {row['images']:7d} {row['seconds']:9.1f} {row['images_per_s']:8.2f}")
     print(f"Frechet distance, 2048-d: ours {ours_fid_s:.2f} s, torch-fidelity {tf_fid_s:.2f} s; "
           f"device {args.device}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ def resolve_image_folder(path: str, cache_root: str | Path = "runs/cache") -> Pa
     return dest
 
 
+def write_json(path: str | Path, result: dict) -> None:
+    """Write a benchmark's result as indented JSON (creating the folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {path}")
+
+
 def build_loader(dataset, batch_size: int, workers: int, seed: int = 0) -> DataLoader:
     """The same DataLoader train_tokenizer.py builds (one process, start at batch 0)."""
     sampler = StepSampler(len(dataset), batch_size, seed=seed)
@@ -242,10 +250,7 @@ def main() -> None:
           f"loader vs in-memory batches, {a.rounds} rounds x {a.steps} timed steps; cache build {cache_build_s:.1f} s")
     print("\n".join(lines))
     print(f"total {elapsed:.0f} s")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "table": lines}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_json(a.out, {"meta": meta, "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

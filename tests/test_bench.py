@@ -79,3 +79,15 @@ def test_vq_bench_one_size(tmp_path):
     assert (row["n"], row["d"], row["k"]) == (256, 16, 64)
     assert row["ours"]["status"] == "ok" and row["peer"]["status"] == "ok"
     assert row["index_agreement"] > 0.99  # both layers pick the same nearest codes
+
+
+def test_train_bench_counts_flops_and_mfu(tmp_path):
+    out = tmp_path / "train.json"
+    run_script(ROOT / "bench/bench_train.py", "--tokenizer", "tiny", "--maskgit", "tiny", "--batch-size", "2",
+               "--steps", "1", "--warmup", "0", "--peak-tflops", "1", "--out", out)
+    tok, mg = json.loads(out.read_text())["rows"]
+    assert tok["stage"] == "tokenizer (tiny)" and mg["stage"] == "MaskGIT (tiny)"
+    for r in (tok, mg):
+        assert r["gflop_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["images_per_s"])
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
+        assert r["peak_memory_gib"] is None  # CPU: no allocator peak to report
