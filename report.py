@@ -22,7 +22,7 @@ from data import DataConfig, build_dataset
 from tokenizer import load_tokenizer
 from training.config import from_dict
 from training.plots import plot_curves, plot_pca
-from training.run import RunError, main_guard, write_json
+from training.run import RunError, main_guard, write_json, write_text
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -147,8 +147,8 @@ def main() -> None:
     args = p.parse_args()
     run = Path(args.run)
     markdown, metrics = build(run)
-    (run / "report.md").write_text(markdown + "\n")
-    (run / "index.html").write_text(to_html(markdown, run))
+    write_text(run / "report.md", markdown + "\n")
+    write_text(run / "index.html", to_html(markdown, run))
     write_json(run / "report_metrics.json", metrics)
     print(f"report: {run / 'report.md'} and {run / 'index.html'}")
 

@@ -15,12 +15,11 @@ same seed, steps and data: the seeded 9,000-image train split of the shared 10,0
 k-means++ init belongs to none of the five (``VQ_VARIANTS`` lists it only in "all", which
 ``--variants all`` adds), so every variant starts from the same random codebook.
 
-Then, for each run, one pass of its EMA weights over all 1,000 validation images gives MSE and PSNR
-(images in [0, 1], as train_tokenizer.py's ``evaluate``), perplexity and the fraction of the codebook
-used over the split, and SWD (eval/swd.py, Karras et al. 2018; x1e3, mean over the 64/32/16 levels)
-between the reconstructions and the originals. The trainer's own validation (``val_metrics.json``)
-is limited to its first batch in --quick (``log.val_batches=1``) to save a second pass, and serves
-as a cross-check of the first batch's MSE. ``runs/ablation/codes_used.png`` plots
+Then, for each run: MSE and PSNR (images in [0, 1]), perplexity and the fraction of the codebook used
+come from the trainer's own final validation of its EMA weights over all 1,000 validation images
+(``val_metrics.json``, train_tokenizer.py's ``evaluate``); one more pass of the EMA weights over them
+gives SWD (eval/swd.py, Karras et al. 2018; x1e3, mean over the 64/32/16 levels) between the
+reconstructions and the originals. ``runs/ablation/codes_used.png`` plots
 ``window_codes_used`` from each log.jsonl: the fraction of codes used during the last ``log_every``
 steps (``log.image_every`` is set equal to ``log_every``, which is where the trainer resets the window).
 
@@ -32,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -53,7 +51,7 @@ import torch  # noqa: E402
 from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
 from data import DataConfig, build_dataset, to_uint8  # noqa: E402
 from tokenizer import VQ_VARIANTS, VQConfig, load_tokenizer  # noqa: E402
-from tokenizer.kmeans import code_histogram, perplexity  # noqa: E402
+from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402
 
 LADDER = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
 VQ_KEYS = ("kmeans_init", "norm", "cb_norm", "replace_freq", "affine_lr", "inplace_lr", "sync_nu", "beta")
@@ -79,7 +77,7 @@ def overrides(variant: str, folder: Path, a: argparse.Namespace) -> list[str]:
     out = [f"data.source={folder}", "data.resolution=64", "data.crop=140", "data.cache=true", "data.num_workers=0",
            f"optim.steps={a.steps}", f"optim.batch_size={a.batch_size}", f"optim.seed={a.seed}",
            f"log.log_every={a.log_every}", f"log.image_every={a.log_every}", f"log.ckpt_every={a.steps}",
-           f"log.val_batches={a.trainer_val_batches}"]
+           "log.val_batches=0"]  # the final validation covers the whole split: the table's metrics
     if a.ema_decay is not None:
         out.append(f"optim.ema_decay={a.ema_decay}")
     if a.warmup_steps is not None:
@@ -110,33 +108,28 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-@torch.no_grad()
-def evaluate(run_dir: Path, val_set, reference, device: torch.device, batch_size: int) -> dict:
-    """MSE, PSNR, perplexity, codes used and SWD of the run's EMA weights over the whole validation set."""
-    model, _ = load_tokenizer(str(run_dir / "checkpoint.pt"), ema=True, device=device)
-    samples = None
-    if reference is not None:
-        from eval.swd import SWDAccumulator, swd_from_accumulators
+def trainer_metrics(run_dir: Path, val_images: int) -> dict:
+    """MSE, PSNR, perplexity and codes used from the trainer's final validation (EMA weights, whole split)."""
+    path = run_dir / "val_metrics.json"
+    metrics = {k: v for k, v in json.loads(path.read_text()).items() if k != "usage_counts"} if path.exists() else {}
+    if metrics.get("val_images") != val_images:  # e.g. --eval-only on a run trained with log.val_batches > 0
+        raise SystemExit(f"{path}: covers {metrics.get('val_images')} validation images, not all {val_images}; "
+                         f"re-train this variant (without --eval-only)")
+    return metrics
 
-        samples = SWDAccumulator(64, reference.config)
-    sq_err, n_pix, first_batch_mse = 0.0, 0, None
-    counts = torch.zeros(model.num_codes, device=device)
+
+@torch.no_grad()
+def reconstruction_swd(run_dir: Path, val_set, reference: SWDAccumulator, device: torch.device,
+                       batch_size: int) -> dict:
+    """SWD between the run's EMA reconstructions of the validation images and the images themselves."""
+    model, _ = load_tokenizer(str(run_dir / "checkpoint.pt"), ema=True, device=device)
+    samples = SWDAccumulator(64, reference.config)
     for start in range(0, len(val_set), batch_size):
         x = torch.stack([val_set[i]["image"] for i in range(start, min(start + batch_size, len(val_set)))]).to(device)
-        x_rec, info = model(x)
-        x01, r01 = (x + 1) / 2, ((x_rec + 1) / 2).clamp(0, 1)  # as train_tokenizer.evaluate
-        err = (x01 - r01).square().sum().item()
-        if first_batch_mse is None:
-            first_batch_mse = err / x.numel()
-        sq_err, n_pix = sq_err + err, n_pix + x.numel()
-        counts += code_histogram(info["q"], model.num_codes)
-        if samples is not None:
-            samples.update(to_uint8(x_rec.clamp(-1, 1)).cpu())
-    mse = sq_err / n_pix
-    swd = swd_from_accumulators(reference, samples) if samples is not None else {"mean": None, "levels": None}
-    return {"val_images": len(val_set), "mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-            "perplexity": perplexity(counts).item(), "codes_used": (counts > 0).float().mean().item(),
-            "swd": swd["mean"], "swd_levels": swd["levels"], "first_batch_mse": first_batch_mse}
+        x_rec, _ = model(x)
+        samples.update(to_uint8(x_rec.clamp(-1, 1)).cpu())
+    swd = swd_from_accumulators(reference, samples)
+    return {"swd": swd["mean"], "swd_levels": swd["levels"]}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -183,8 +176,6 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help=f"default: the preset's; --quick: {QUICK['warmup_steps']}")
     p.add_argument("--swd-patches", type=int, default=None,
                    help="SWD patches per image and level (default: SWDConfig's 128; --quick: 32)")
-    p.add_argument("--trainer-val-batches", type=int, default=None,
-                   help="log.val_batches of the trainer's own validation (default 0 = all; --quick: 1)")
     p.add_argument("--runs-dir", default="runs/ablation")
     p.add_argument("--resume", action="store_true", help="pass --resume to the trainer instead of starting fresh")
     p.add_argument("--eval-only", action="store_true", help="skip training, evaluate the existing run directories")
@@ -194,11 +185,9 @@ def main() -> None:
         a.log_every = a.log_every or QUICK["log_every"]
         a.ema_decay = QUICK["ema_decay"] if a.ema_decay is None else a.ema_decay
         a.warmup_steps = QUICK["warmup_steps"] if a.warmup_steps is None else a.warmup_steps
-        a.trainer_val_batches = 1 if a.trainer_val_batches is None else a.trainer_val_batches
         a.swd_patches = a.swd_patches or QUICK["swd_patches"]
     a.steps = a.steps or 5000
     a.log_every = a.log_every or 50
-    a.trainer_val_batches = 0 if a.trainer_val_batches is None else a.trainer_val_batches
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs_dir = Path(a.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -208,20 +197,14 @@ def main() -> None:
     data_cfg = DataConfig(source=str(folder), resolution=64, crop=140, cache=True, num_workers=0)
     val_set = build_dataset(data_cfg, "val", train=False)
     train_set = build_dataset(dataclasses.replace(data_cfg, flip=False), "train", train=False)
-    try:
-        from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators
-    except ImportError as e:  # the SWD column then reads n/a
-        print(f"SWD unavailable ({e}): its column reads n/a", file=sys.stderr)
-        swd_cfg = reference = swd_floor = None
-    else:
-        swd_cfg = SWDConfig(patches_per_image=a.swd_patches) if a.swd_patches else SWDConfig()
-        reference = SWDAccumulator(64, swd_cfg)
-        reference.update(torch.stack([to_uint8(val_set[i]["image"]) for i in range(len(val_set))]))
-        # Context for the SWD column: the same statistic between 1,000 *train* images and the validation
-        # images (two samples of the same distribution, no model involved).
-        train_sample = SWDAccumulator(64, swd_cfg)
-        train_sample.update(torch.stack([to_uint8(train_set[i]["image"]) for i in range(len(val_set))]))
-        swd_floor = swd_from_accumulators(reference, train_sample)["mean"]
+    swd_cfg = SWDConfig(patches_per_image=a.swd_patches) if a.swd_patches else SWDConfig()
+    reference = SWDAccumulator(64, swd_cfg)
+    reference.update(torch.stack([to_uint8(val_set[i]["image"]) for i in range(len(val_set))]))
+    # Context for the SWD column: the same statistic between 1,000 *train* images and the validation
+    # images (two samples of the same distribution, no model involved).
+    train_sample = SWDAccumulator(64, swd_cfg)
+    train_sample.update(torch.stack([to_uint8(train_set[i]["image"]) for i in range(len(val_set))]))
+    swd_floor = swd_from_accumulators(reference, train_sample)["mean"]
     print(f"data: {len(train_set)} train / {len(val_set)} val images from {folder}; SWD(train sample, val) = "
           f"{fmt(swd_floor, '.2f')}", file=sys.stderr, flush=True)
 
@@ -235,11 +218,9 @@ def main() -> None:
             r.update(train(variant, folder, a))
         if (run_dir / "checkpoint.pt").exists() and r.get("returncode", 0) == 0:
             t1 = time.time()
-            r["metrics"] = evaluate(run_dir, val_set, reference, device, a.batch_size)
+            r["metrics"] = {**trainer_metrics(run_dir, len(val_set)),
+                            **reconstruction_swd(run_dir, val_set, reference, device, a.batch_size)}
             r["eval_s"] = time.time() - t1
-            trainer = json.loads((run_dir / "val_metrics.json").read_text()) if (run_dir / "val_metrics.json").exists() else {}
-            r["metrics"]["num_codes"] = trainer.get("num_codes")
-            r["trainer_val_metrics"] = {k: v for k, v in trainer.items() if k != "usage_counts"}
             r["log"] = read_log(run_dir)
         r["total_s"] = time.time() - t0
         results[variant] = r
@@ -262,22 +243,16 @@ def main() -> None:
         lines.append("| " + " | ".join([
             variant, opts, f"{m['mse']:.5f}", f"{m['psnr']:.2f}", f"{m['perplexity']:.1f}", f"{m['codes_used']:.1%}",
             fmt(m["swd"], ".2f"), fmt(log[-1].get("window_codes_used"), ".1%"), f"{r['total_s']:.0f}"]) + " |")
-    checks = {v: (r["metrics"]["first_batch_mse"], r["trainer_val_metrics"].get("mse"))
-              for v, r in results.items() if r.get("metrics") and a.trainer_val_batches == 1}
     meta = {"preset": a.preset, "steps": a.steps, "batch_size": a.batch_size, "seed": a.seed, "quick": a.quick,
             "ema_decay": a.ema_decay, "warmup_steps": a.warmup_steps, "log_every": a.log_every,
             "data": str(folder), "split": {"train": len(train_set), "val": len(val_set)}, "resolution": 64,
             "crop": 140, "device": str(device), "torch": torch.__version__, "weights": "EMA",
-            "swd_train_vs_val": swd_floor, "swd_config": swd_cfg.describe() if swd_cfg else None, "elapsed_s": elapsed,
-            "first_batch_mse_check(ours, trainer)": checks}
+            "swd_train_vs_val": swd_floor, "swd_config": swd_cfg.describe(), "elapsed_s": elapsed}
     print(f"ablation ladder: {a.preset} tokenizer, {a.steps} steps x batch {a.batch_size}, seed {a.seed}, "
           f"{len(train_set)} train / {len(val_set)} val CelebA 64x64, EMA weights; SWD with "
-          f"{swd_cfg.patches_per_image if swd_cfg else 'n/a'} patches/image, SWD(1,000 train images vs val) = "
+          f"{swd_cfg.patches_per_image} patches/image, SWD(1,000 train images vs val) = "
           f"{fmt(swd_floor, '.2f')}")
     print("\n".join(lines))
-    for v, (ours, theirs) in checks.items():
-        if theirs is not None and abs(ours - theirs) > 1e-6 * max(1.0, abs(theirs)) + 1e-7:
-            print(f"warning: {v}: first-batch MSE {ours:.6g} differs from train_tokenizer's {theirs:.6g}")
     print(f"total {elapsed:.0f} s")
     (runs_dir / "ablation.json").write_text(json.dumps(
         {"meta": meta, "results": {v: {k: x for k, x in r.items()} for v, r in results.items()}, "table": lines},

@@ -13,16 +13,16 @@ Models have random weights: speed does not depend on what they learned. Prints a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from bench_loader import write_json
+from bench_train import MaskGITTrainer  # the MaskGIT training step, shared with bench_train.py
 from data import DataConfig, build_dataset
 from tokenizer import VQModel, preset as tokenizer_preset
-from transformer import build_maskgit, mask_tokens, masked_ce_loss, maskgit_decode, sequential_decode
+from transformer import build_maskgit, maskgit_decode, sequential_decode
 
 
 def timed(fn, repeats: int, warmup: bool = True) -> float:
@@ -67,19 +67,12 @@ def measure(tok_name: str, mg_name: str, bs: int, repeats: int, device: torch.de
     torch.manual_seed(0)
     tok_cfg = tokenizer_preset(tok_name)
     tokenizer = VQModel(tok_cfg).to(device).eval()
-    model = build_maskgit(mg_name, tok_cfg.vq.num_codes, tok_cfg.grid).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trainer = MaskGITTrainer(mg_name, tok_cfg.vq.num_codes, tok_cfg.grid, device)
+    model, train_step = trainer.model, trainer.step
     dataset = build_dataset(DataConfig(source="procedural", resolution=tok_cfg.resolution, num_images=bs * 2), "train")
     images = torch.stack([dataset[i]["image"] for i in range(bs)]).to(device)
     with torch.no_grad():
         codes = tokenizer.encode(images)[1].flatten(1)  # (B, N): what the code file holds
-
-    def train_step(tokens: torch.Tensor) -> None:
-        inputs, mask = mask_tokens(tokens, model.mask_id)
-        loss, _ = masked_ce_loss(model(inputs), tokens, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     def from_codes() -> None:
         train_step(codes)
@@ -142,11 +135,8 @@ def main() -> None:
     print("| tokenizer:MaskGIT | encoder forward GFLOP | MaskGIT train step GFLOP | expected codes / on the fly |\n|---|---|---|---|")
     for c, f in flops.items():
         print(f"| {c} | {f['encoder_forward_gflop']:.3f} | {f['maskgit_train_step_gflop']:.3f} | {f['expected_ratio']:.2f}x |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "results": results, "flops": flops},
-                              indent=2) + "\n")
-    print(f"-> {out}")
+    write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(), "results": results,
+                          "flops": flops})
 
 
 if __name__ == "__main__":

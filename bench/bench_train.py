@@ -8,7 +8,8 @@ One training step is what the training scripts do per step, without Accelerate o
 (inputs are random tensors already on the device; ``bench_loader.py`` measures the loader):
 * tokenizer: ``bench_loader.Trainer`` (the preset's VQModel with all VQ fixes, L1 + VQ loss, AdamW,
   gradient clipping, EMA update);
-* MaskGIT: mask a batch of random code grids with the cosine schedule, masked cross-entropy, AdamW.
+* MaskGIT (``MaskGITTrainer``, also used by bench_stage_two.py): mask a batch of code grids with the
+  cosine schedule, masked cross-entropy, gradient clipping at 1, AdamW (betas 0.9/0.96, wd 0.045).
 
 FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 convolutions, attention; forward + backward) on the real batch; MFU = counted FLOPs per second /
@@ -53,6 +54,8 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 
 class MaskGITTrainer:
+    """One MaskGIT training step as in train_maskgit.py, without Accelerate, EMA or the LR schedule."""
+
     def __init__(self, preset_name: str, num_codes: int, grid: tuple[int, int], device: torch.device) -> None:
         torch.manual_seed(0)
         self.model = build_maskgit(preset_name, num_codes, grid).to(device).train()

@@ -122,10 +122,8 @@ def _swd_reference_batches(args, reference, resolution: int):
     if kind in ("folder", "npz"):
         return open_images(path, resolution).batches(args.batch_size) if Path(path).exists() else None
     p = reference.protocol
-    try:
-        from data import DataConfig
-    except ImportError:
-        return None
+    from data import DataConfig
+
     if source != "procedural" and not Path(source).exists():
         return None
     fields = {k: p[k] for k in ("resolution", "crop", "val_fraction", "split_seed", "num_images") if p[k] is not None}
@@ -301,11 +299,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.images import DataError
+
     args = build_parser().parse_args(argv)
-    try:
-        from data.images import DataError
-    except ImportError:
-        DataError = EvalError
     try:
         return args.func(args)
     except (EvalError, DataError) as e:

@@ -1,8 +1,8 @@
 """Images in, uint8 NCHW batches out: the one [-1, 1] -> uint8 conversion, image folders and .npz files.
 
 Every image that reaches the Inception network or SWD (references, generated samples, reconstructions)
-is a ``uint8`` tensor ``(B, 3, H, W)``. Float images in [-1, 1] are converted by ``to_uint8`` and by
-nothing else, so references and samples are quantized identically. Files are decoded with the data
+is a ``uint8`` tensor ``(B, 3, H, W)``. Float images in [-1, 1] are converted by ``to_uint8``, the
+data package's conversion behind input checks, so references and samples are quantized identically. Files are decoded with the data
 package's ``load_rgb`` (the loader the reference images went through: EXIF orientation applied, alpha
 composited on white, grey and palette images expanded to RGB); nothing is ever resized here: an image
 whose size differs from the expected resolution is an error, because a silent resize would change FID.
@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from data.transforms import to_float
+from data.transforms import to_uint8 as data_to_uint8
 from eval.errors import ImageInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -26,19 +28,20 @@ NPZ_KEY = "images"  # preferred array name inside an .npz; a file holding a sing
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 [0, 255]: ``round((x + 1) * 127.5)``, clamped. Any shape."""
+    """Float images in [-1, 1] -> uint8 [0, 255] by ``data.to_uint8`` (``round((x + 1) * 127.5)``,
+    clamped), after checking what scoring must not accept silently. Any shape."""
     if not torch.is_floating_point(x):
         raise ImageInputError(f"to_uint8 expects float images in [-1, 1], got dtype {x.dtype}")
     if not torch.isfinite(x).all():  # NaN would silently become 0 (black) after the cast
         raise ImageInputError("images contain NaN or inf values (a diverged model?)")
-    return ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return data_to_uint8(x)
 
 
 def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the exact inverse of ``to_uint8`` on the uint8 grid."""
+    """uint8 [0, 255] -> float32 [-1, 1] by ``data.to_float``, the exact inverse of ``to_uint8`` on the uint8 grid."""
     if x.dtype != torch.uint8:
         raise ImageInputError(f"from_uint8 expects uint8 images, got dtype {x.dtype}")
-    return x.float() / 127.5 - 1.0
+    return to_float(x)
 
 
 def as_uint8_nchw(x: torch.Tensor | np.ndarray, what: str = "images") -> torch.Tensor:

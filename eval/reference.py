@@ -24,6 +24,7 @@ from eval.errors import EvalError, ReferenceMismatchError
 from eval.images import ImageSet, as_uint8_nchw, to_uint8, with_progress
 from eval.inception import FEATURE_DIM, InceptionExtractor
 from eval.stats import FeatureStats
+from training.run import write_text
 
 FORMAT = "straight-maskgit reference statistics v1"
 PROTOCOL_FIELDS = ("source", "split", "resolution", "crop", "val_fraction", "split_seed", "num_images",
@@ -130,9 +131,7 @@ def save_reference(path: str | os.PathLike, ref: ReferenceStats) -> tuple[Path, 
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     side = sidecar_path(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(ref.meta, indent=2, default=str) + "\n")
-    os.replace(tmp, side)
+    write_text(side, json.dumps(ref.meta, indent=2, default=str) + "\n")
     return path, side
 
 

@@ -14,15 +14,10 @@ from pathlib import Path
 
 from eval.inception import WEIGHTS_FILENAME
 from eval.score import ScoreResult
+from training.run import write_text
 
 NOT_FID = (f"**NOT FID**: computed with unverified Inception weights (not the standard {WEIGHTS_FILENAME}); "
            f"only comparable with numbers computed from the same weights file.")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value) -> str:
@@ -59,8 +54,8 @@ def write_report(run_dir: str | os.PathLike, name: str, result: ScoreResult) -> 
     payload = {"name": name, **result.to_dict(),
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     json_path, md_path = run_dir / f"{name}.json", run_dir / f"{name}.md"
-    _atomic_write(json_path, json.dumps(payload, indent=2, default=str) + "\n")
-    _atomic_write(md_path, to_markdown(name, result))
+    write_text(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text(md_path, to_markdown(name, result))
     return json_path, md_path
 
 

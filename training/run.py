@@ -52,11 +52,16 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
     return run_dir
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write: a hidden temp file next to ``path`` (cleaned up by prepare_run_dir), then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 class JsonlLog:
