@@ -28,7 +28,7 @@ def _train(vq_kwargs, steps=200, num_codes=512, seed=0):
 
 def test_all_fixes_use_far_more_codes_than_plain_vq():
     plain = _train({})
-    fixed = _train(dict(kmeans_init=True, affine_lr=2.0, sync_nu=0.2, replace_freq=20, beta=0.98,
+    fixed = _train(dict(kmeans_init=True, affine_lr=2.0, sync_nu=0.2, replace_freq=20, beta=1.0,
                         inplace_optimizer=lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)))
     print(f"plain: perplexity {plain[0]:.1f}, used {plain[1]:.3f}, mse {plain[2]:.4f}; "
           f"fixed: perplexity {fixed[0]:.1f}, used {fixed[1]:.3f}, mse {fixed[2]:.4f}")

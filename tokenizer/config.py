@@ -31,7 +31,7 @@ class VQConfig:
     inplace_lr: float = 0.0  # > 0: alternating optimization, SGD with this lr on the codebook
     inplace_momentum: float = 0.9
     groups: int = 1  # sub-vectors (group) or stages (residual)
-    share: bool = True  # group/residual: one codebook for all groups/stages
+    share: bool | None = None  # one codebook for all groups/stages; None: True for group, False for residual
 
     def __post_init__(self) -> None:
         if self.kind not in ("vector", "group", "residual"):
@@ -41,6 +41,12 @@ class VQConfig:
                 raise ValueError(f"vq.{name} must be positive, got {getattr(self, name)}")
         if self.inplace_lr < 0:
             raise ValueError(f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
+        if self.inplace_lr > 0 and self.beta != 1.0:
+            raise ValueError(f"vq.inplace_lr > 0 (alternating optimization) needs vq.beta=1, got vq.beta={self.beta}: "
+                             "the in-place step replaces the codebook term and there is no commitment term")
+        if self.kind == "residual" and self.cb_norm is not None:
+            raise ValueError("vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
+                             "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
 
 
 @dataclass
@@ -75,18 +81,21 @@ class TokenizerConfig:
         return side, side
 
 
-# All fixes of the paper, as the default of every preset: k-means++ init, l2-normalized inputs and
-# codes, dead-code replacement, learned affine codebook, alternating optimization (SGD lr 50,
-# momentum 0.9 as in the paper) and synchronized STE.
-ALL_FIXES = dict(kmeans_init=True, norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0,
-                 inplace_lr=50.0, sync_nu=0.2, beta=0.98)
-# The ablation ladder of the paper (Huh et al. 2023, Fig. 7 / Table 2).
+# The ablation ladder of the paper (Huh et al. 2023, Fig. 7 / Table 2), each rung adding what the
+# paper's rung adds. "OPT" is the reference library's alternating optimization: an in-place SGD step
+# on the codebook (lr 50, momentum 0.9) with beta = 1 (no commitment term, the codebook term taken by
+# the in-place step) plus the synchronized STE (nu = 2, the reference's in-place setting). Rungs without
+# OPT keep the default beta = 0.95. k-means++ init belongs to none of the five; "all" adds it.
+L2_REPLACE = dict(norm="l2", cb_norm="l2", replace_freq=20)
+AFFINE = dict(affine_lr=10.0)
+OPT = dict(inplace_lr=50.0, inplace_momentum=0.9, sync_nu=2.0, beta=1.0)
+ALL_FIXES = dict(kmeans_init=True, **L2_REPLACE, **AFFINE, **OPT)
 VQ_VARIANTS = {
     "baseline": dict(),
-    "l2_replace": dict(norm="l2", cb_norm="l2", replace_freq=20),
-    "affine": dict(norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0),
-    "opt": dict(norm="l2", cb_norm="l2", replace_freq=20, inplace_lr=50.0, sync_nu=0.2, beta=0.98),
-    "opt_affine": dict(norm="l2", cb_norm="l2", replace_freq=20, affine_lr=10.0, inplace_lr=50.0, sync_nu=0.2, beta=0.98),
+    "l2_replace": L2_REPLACE,
+    "affine": {**L2_REPLACE, **AFFINE},
+    "opt": {**L2_REPLACE, **OPT},
+    "opt_affine": {**L2_REPLACE, **AFFINE, **OPT},
     "all": ALL_FIXES,
 }
 
@@ -118,4 +127,5 @@ def build_quantizer(cfg: VQConfig) -> nn.Module:
     if cfg.kind == "vector":
         return VectorQuant(cfg.code_dim, cfg.num_codes, **common)
     cls = GroupVectorQuant if cfg.kind == "group" else ResidualVectorQuant
-    return cls(cfg.code_dim, cfg.num_codes, groups=cfg.groups, share=cfg.share, **common)
+    share = cfg.kind == "group" if cfg.share is None else cfg.share
+    return cls(cfg.code_dim, cfg.num_codes, groups=cfg.groups, share=share, **common)

@@ -30,6 +30,12 @@ def _check_norm(name: str | None, what: str) -> str | None:
     return name
 
 
+def kmeans_pending(model: nn.Module) -> bool:
+    """Whether any quantizer in ``model`` still waits for its k-means init (a host sync: call it only
+    until it turns False)."""
+    return any(m.kmeans_init and not bool(m.kmeans_done) for m in model.modules() if isinstance(m, VectorQuant))
+
+
 class VectorQuant(nn.Module):
     """Vector quantizer with the fixes of "Straightening Out the Straight-Through Estimator".
 
@@ -54,9 +60,10 @@ class VectorQuant(nn.Module):
       iterations on that batch's z. With fewer vectors than codes, the remaining codes are noisy copies
       of random vectors (the codebook never shrinks). W is written so the *effective* code equals the
       center (the affine map is inverted).
-    * ``replace_freq = T``: every T training steps, each code not assigned during the last T steps is
-      re-seeded from a random z of the current batch plus noise of 0.01 x its norm (again written
-      through the inverse affine map, so the effective code is that vector).
+    * ``replace_freq = T``: at every training step, each code not assigned during the last T steps is
+      re-seeded from a distinct random z of the current batch plus noise of 0.01 x its norm (again
+      written through the inverse affine map, so the effective code is that vector). A code is never
+      idle for more than T steps.
     * ``inplace_optimizer`` (a factory ``params -> Optimizer``, e.g.
       ``lambda p: torch.optim.SGD(p, lr=50, momentum=0.9)``): alternating optimization. After the
       assignment, one step of that optimizer on W alone lowers mean((sg(z) - C[q])^2); z_q is then
@@ -64,6 +71,11 @@ class VectorQuant(nn.Module):
       ``torch.autograd.grad`` and handed to the optimizer through a swapped-in ``.grad`` that is
       restored afterwards, so no gradient leaks into the affine parameters or into the main
       optimizer's accumulated gradients. The affine parameters do not take part in this step.
+      As in the paper's reference library, alternating optimization requires ``beta = 1``: the
+      encoder gets no commitment gradient (only the task gradient), and the codebook term of ``loss``
+      is computed with W detached, so the main optimizer never applies a second codebook-loss step to
+      W; it still trains the affine parameters (if any). W does receive the synchronized task gradient
+      ``nu * g`` from the main optimizer: that is what ``sync_nu`` is for.
     * Under ``torch.distributed`` every replica ends with the identical codebook: k-means centers and
       replaced codes are broadcast from rank 0, code usage is all-reduced (max of last-used step) every step, the
       in-place gradient and the running statistics are averaged over replicas.
@@ -89,6 +101,10 @@ class VectorQuant(nn.Module):
                              f"got affine_lr={affine_lr} and running_affine=True")
         if replace_freq < 0:
             raise ValueError(f"replace_freq must be >= 0 (0 disables dead-code replacement), got {replace_freq}")
+        if inplace_optimizer is not None and float(beta) != 1.0:
+            raise ValueError(f"alternating optimization (an in-place codebook optimizer) needs beta = 1, got beta={beta}: "
+                             "the in-place step replaces the codebook term and there is no commitment term, as in the "
+                             "paper's reference library")
         self.feature_size, self.num_codes, self.beta, self.dim = feature_size, num_codes, float(beta), dim
         self.norm, self.cb_norm = _check_norm(norm, "norm"), _check_norm(cb_norm, "cb_norm")
         self.affine_lr, self.affine_groups, self.running_affine = float(affine_lr), affine_groups, running_affine
@@ -141,9 +157,10 @@ class VectorQuant(nn.Module):
             return (c - bias) / scale
         return c
 
-    def get_codebook(self, detach_affine: bool = False) -> Tensor:
+    def get_codebook(self, detach_affine: bool = False, detach_weight: bool = False) -> Tensor:
         """The effective codebook C = cb_norm(A(W)), (K, d) fp32. Decoding always goes through it."""
-        c = self._affine(self.codebook.weight.float(), detach_params=detach_affine)
+        w = self.codebook.weight.float()
+        c = self._affine(w.detach() if detach_weight else w, detach_params=detach_affine)
         return F.normalize(c, dim=-1) if self.cb_norm == "l2" else c
 
     def decode(self, indices: Tensor) -> Tensor:
@@ -181,7 +198,7 @@ class VectorQuant(nn.Module):
                 self._kmeans_init(zd)
             if self.running_affine:
                 self._update_running_stats(zd)
-            if self.replace_freq > 0 and int(self.step) % self.replace_freq == 0:
+            if self.replace_freq > 0:
                 self._replace_dead_codes(zd)
 
         with torch.no_grad():
@@ -194,7 +211,10 @@ class VectorQuant(nn.Module):
 
         z_q = self.get_codebook()[q]  # (N, d), from the (possibly just updated) codebook
         commitment = F.mse_loss(z, z_q.detach())
-        codebook = F.mse_loss(zd, z_q)
+        if self.inplace_optimizer is None:
+            codebook = F.mse_loss(zd, z_q)
+        else:  # W already took its step on this term: only the affine map (if any) may learn from it here
+            codebook = F.mse_loss(zd, self.get_codebook(detach_weight=True)[q])
         loss = (1 - self.beta) * commitment + self.beta * codebook
         zq_d = z_q.detach()
         out = zq_d + (z - zd) + self.sync_nu * (z_q - zq_d)
@@ -248,12 +268,22 @@ class VectorQuant(nn.Module):
 
     @torch.no_grad()
     def _replace_dead_codes(self, z: Tensor) -> None:
-        dead = torch.nonzero(self.step - self.last_used >= self.replace_freq).squeeze(1)
-        if dead.numel() > 0:
-            picks = z[torch.randint(z.shape[0], (dead.numel(),), device=z.device)]
-            picks = picks + self._noise_like(picks)
-            self.codebook.weight[dead] = self._invert_affine(picks, dead).to(self.codebook.weight.dtype)
-            broadcast_(self.codebook.weight.data)
+        """Re-seed every code idle for ``replace_freq`` steps (checked every step) from this batch's z.
+
+        One event draws distinct vectors (a permutation; only when more codes are dead than vectors in
+        the batch does a vector serve twice), and adds noise of 0.01 x its norm so that codes seeded
+        from near-identical vectors still split; 0.01 is small against the typical distance between
+        neighbouring codes, so the new code starts where the data is.
+        """
+        dead = torch.nonzero(self.step - self.last_used > self.replace_freq).squeeze(1)  # idle the last T steps
+        if dead.numel() == 0:
+            return
+        n = z.shape[0]
+        order = torch.cat([torch.randperm(n, device=z.device) for _ in range(-(-dead.numel() // n))])
+        picks = z[order[:dead.numel()]]
+        picks = picks + self._noise_like(picks)
+        self.codebook.weight[dead] = self._invert_affine(picks, dead).to(self.codebook.weight.dtype)
+        broadcast_(self.codebook.weight.data)
         self.last_used[dead] = self.step
 
     def _inplace_step(self, z: Tensor, q: Tensor) -> None:

@@ -29,6 +29,12 @@ class EMA:
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Copy ``model`` exactly (e.g. after k-means re-wrote its codebook: averaging the random
+        codebook with the fitted one would give codes that belong to neither)."""
+        self.model.load_state_dict(model.state_dict())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
