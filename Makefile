@@ -32,6 +32,9 @@ RES        ?= 64
 # Inception weights file (else $$FID_INCEPTION_WEIGHTS or the torch hub cache)
 WEIGHTS    ?=
 BENCH_ARGS ?= --quick
+# bench/ladder.py: image folder / shared CelebA tarball folder, and extra flags (e.g. --setting gpu64)
+LADDER_DATA ?= ../shared/data/celeba_align_89x109
+LADDER_ARGS ?=
 
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m accelerate.commands.launch --num_processes $(NPROC))
 TOK := $(RUN)/tokenizer/checkpoint.pt
@@ -39,7 +42,7 @@ MG  := $(RUN)/maskgit/checkpoint.pt
 WFLAG := $(if $(WEIGHTS),--weights $(WEIGHTS),)
 REF := $(RUN)/eval/ref_$(SPLIT)_$(RES).npz
 
-.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report celeba bench
+.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report celeba bench ladder
 
 # Creates the virtual environment once; re-installs when pyproject.toml changes.
 setup: $(STAMP)
@@ -97,3 +100,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_fid.py $(BENCH_ARGS)
 	$(PY) bench/bench_train.py $(BENCH_ARGS)
 	$(PY) bench/ablation.py $(BENCH_ARGS)
+
+# The paper's claim: tokenizer -> codes -> MaskGIT -> samples -> SWD (FID with the Inception weights)
+# for every rung of the ablation ladder and two seeds; resumable (re-run to continue).
+ladder: $(STAMP)
+	$(PY) bench/ladder.py --data $(LADDER_DATA) $(LADDER_ARGS)

@@ -51,6 +51,7 @@ import torch  # noqa: E402
 from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
 from data import DataConfig, build_dataset, to_uint8  # noqa: E402
 from tokenizer import VQ_VARIANTS, VQConfig, load_tokenizer  # noqa: E402
+from tokenizer.config import variant_overrides  # noqa: E402
 from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402
 
 LADDER = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
@@ -82,7 +83,7 @@ def overrides(variant: str, folder: Path, a: argparse.Namespace) -> list[str]:
         out.append(f"optim.ema_decay={a.ema_decay}")
     if a.warmup_steps is not None:
         out.append(f"optim.warmup_steps={a.warmup_steps}")
-    out += [f"model.vq.{k}={'none' if v is None else str(v).lower()}" for k, v in vq_settings(variant).items()]
+    out += variant_overrides(variant)
     return out
 
 

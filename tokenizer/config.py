@@ -99,6 +99,19 @@ VQ_VARIANTS = {
     "all": ALL_FIXES,
 }
 
+
+
+def variant_overrides(name: str, keep: tuple[str, ...] = ("num_codes", "code_dim")) -> list[str]:
+    """``model.vq.key=value`` overrides setting *every* VQ option to rung ``name`` of ``VQ_VARIANTS``:
+    ``VQConfig``'s defaults (no fix at all) updated with the rung, so a preset's own fixes never leak
+    into a rung. The fields in ``keep`` (the codebook's size) stay the preset's."""
+    if name not in VQ_VARIANTS:
+        raise ValueError(f"unknown VQ variant {name!r}; choose one of {', '.join(VQ_VARIANTS)}")
+    values = {**dataclasses.asdict(VQConfig()), **VQ_VARIANTS[name]}
+    fmt = lambda v: "none" if v is None else ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower()  # noqa: E731
+    return [f"model.vq.{k}={fmt(v)}" for k, v in values.items() if k not in keep]
+
+
 PRESETS: dict[str, TokenizerConfig] = {
     # CPU seconds-to-minutes: tests and `make demo`. 32x32 -> 8x8 tokens.
     "tiny": TokenizerConfig(resolution=32, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
