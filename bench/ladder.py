@@ -60,7 +60,7 @@ PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
 # Budgets. "cpu" is sized for about an hour on 2 idle cores (12 runs: 6 rungs x 2 seeds); "smoke" is the
 # test suite's; "gpu64" is the documented setting for one GPU, at the resolution of the paper's CelebA runs.
 SETTINGS = {
-    "cpu": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=600, mg_steps=1000, samples=1000,
+    "cpu": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=1000, mg_steps=600, samples=1000,
                 reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=[]),
     "gpu64": dict(resolution=64, tok_preset="celeba64", mg_preset="celeba64", tok_steps=20_000, mg_steps=40_000,
                   samples=10_000, reference=10_000, tok_args=["data.num_workers=8"], mg_args=[]),

@@ -91,3 +91,25 @@ def test_train_bench_counts_flops_and_mfu(tmp_path):
         assert r["gflop_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["images_per_s"])
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
         assert r["peak_memory_gib"] is None  # CPU: no allocator peak to report
+
+
+def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
+    """One rung, one seed, the smoke budget: every stage runs through the project's CLIs, the table has
+    the rung and the real-image floor, and a second call finds every stage done (resume)."""
+    runs = tmp_path / "ladder"
+    args = ("--setting", "smoke", "--data", face_folder, "--rungs", "opt_affine", "--seeds", "0", "--runs-dir", runs)
+    run_script(ROOT / "bench/ladder.py", *args, timeout=600)
+    result = json.loads((runs / "ladder.json").read_text())
+    assert set(result["results"]) == {"opt_affine"}
+    for rung in ("opt_affine",):
+        r = result["results"][rung]["seed0"]
+        assert 0 < r["codes_used"] <= 1 and 1 <= r["perplexity"] <= r["num_codes"] and r["swd"] > 0
+        assert json.loads((runs / rung / "seed0" / "stages.json").read_text()) == [
+            "tokenizer", "codes", "maskgit", "sample", "score"]
+        assert len(list((runs / rung / "seed0" / "samples").glob("*.png"))) == 8
+    assert result["meta"]["floors"]["swd"] > 0 and result["table"][-1].startswith("| real train images")
+    assert result["meta"]["rungs"]["opt_affine"]["inplace_lr"] > 0
+    for name in ("samples.png", "codes_used.png", "index.html", "ladder.md"):
+        assert (runs / name).stat().st_size > 0
+    again = run_script(ROOT / "bench/ladder.py", *args, timeout=600)
+    assert "training" not in again.stderr and "tokenizer ..." not in again.stderr  # nothing re-run
