@@ -22,7 +22,9 @@ between real *train* images and the same held-out images: how far from real face
 
 Resumable: each finished stage of each run is recorded in ``<runs-dir>/<rung>/seed<k>/stages.json``
 and training stages resume from their checkpoints, so a killed ladder continues where it stopped
-(re-run the same command). Outputs in ``--runs-dir`` (default runs/ladder): ladder.json, ladder.md,
+(re-run the same command). Parallel: several copies of the same command share the runs (each run
+directory is locked by the process working on it); on a machine with more cores than one run uses,
+start one copy per free core group, then ``--report-only`` for the complete table. Outputs in ``--runs-dir`` (default runs/ladder): ladder.json, ladder.md,
 index.html, samples.png (one column per rung), codes_used.png.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -116,9 +119,41 @@ def score(samples: Path, ref: Path, out_dir: Path, metrics: str, log: Path) -> d
     return json.loads((out_dir / "generation.json").read_text())["metrics"]
 
 
-def one_run(rung: str, seed: int, folder: str, s: dict, a: argparse.Namespace, metrics: str, ref: Path) -> dict:
+def claim(d: Path) -> bool:
+    """Take run directory ``d`` for this process (a lock file holding its pid); False when another live
+    process holds it. Several copies of the same command thus share the ladder's runs between them."""
+    lock = d / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # a live process runs it
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # left by a killed process: take it over
+                continue
+            except PermissionError:
+                return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def one_run(rung: str, seed: int, folder: str, s: dict, a: argparse.Namespace, metrics: str, ref: Path) -> dict | None:
     d = Path(a.runs_dir) / rung / f"seed{seed}"
     d.mkdir(parents=True, exist_ok=True)
+    if not claim(d):
+        print(f"[{rung} seed {seed}] taken by another ladder process, skipped here", file=sys.stderr, flush=True)
+        return None
+    try:
+        return _one_run(d, rung, seed, folder, s, metrics, ref)
+    finally:
+        (d / ".lock").unlink(missing_ok=True)
+
+
+def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, ref: Path) -> dict:
     done_path, log = d / "stages.json", d / "output.log"
     done = json.loads(done_path.read_text()) if done_path.exists() else []
     tok, codes, mg = d / "tokenizer", d / "codes", d / "maskgit"
@@ -295,8 +330,10 @@ def main() -> None:
             finished = (d / "stages.json").exists() and json.loads((d / "stages.json").read_text()) == list(STAGES)
             if a.report_only and not finished:
                 continue
-            results[rung][f"seed{seed}"] = collect(d) if finished else one_run(rung, seed, folder, s, a, metrics, ref)
-            r = results[rung][f"seed{seed}"]
+            r = collect(d) if finished else one_run(rung, seed, folder, s, a, metrics, ref)
+            if r is None:
+                continue
+            results[rung][f"seed{seed}"] = r
             print(f"[{rung} seed {seed}] PSNR {r['psnr']:.2f} dB, perplexity {r['perplexity']:.1f}, codes used "
                   f"{r['codes_used']:.1%}, masked acc {r['masked_accuracy']:.3f}, generation SWD {r['swd']:.2f}",
                   file=sys.stderr, flush=True)

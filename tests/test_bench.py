@@ -113,3 +113,18 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
         assert (runs / name).stat().st_size > 0
     again = run_script(ROOT / "bench/ladder.py", *args, timeout=600)
     assert "training" not in again.stderr and "tokenizer ..." not in again.stderr  # nothing re-run
+
+
+def test_ladder_processes_share_runs_through_locks(tmp_path):
+    """A run directory locked by a live process is skipped; one left by a dead process is taken over."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ladder import claim
+
+    assert claim(tmp_path) and not claim(tmp_path)  # this (live) process holds it now
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(str(dead.pid))
+    assert claim(tmp_path) and (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
