@@ -103,9 +103,9 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
     assert set(result["results"]) == {"opt_affine"}
     for rung in ("opt_affine",):
         r = result["results"][rung]["seed0"]
-        assert 0 < r["codes_used"] <= 1 and 1 <= r["perplexity"] <= r["num_codes"] and r["swd"] > 0
+        assert 0 < r["codes_used"] <= 1 and 1 <= r["perplexity"] <= r["num_codes"] and r["swd"] > 0 and r["rswd"] > 0
         assert json.loads((runs / rung / "seed0" / "stages.json").read_text()) == [
-            "tokenizer", "codes", "maskgit", "sample", "score"]
+            "tokenizer", "codes", "maskgit", "sample", "score", "recon"]
         assert len(list((runs / rung / "seed0" / "samples").glob("*.png"))) == 8
     assert result["meta"]["floors"]["swd"] > 0 and result["table"][-1].startswith("| real train images")
     assert result["meta"]["rungs"]["opt_affine"]["inplace_lr"] > 0
