@@ -1,6 +1,7 @@
 """The paper's claim, rung by rung: the whole pipeline once per VQ variant and seed, scored on generation.
 
     python bench/ladder.py                          # CPU budget, shared CelebA copy, 32x32, seeds 0 1 (`make ladder`)
+    python bench/ladder.py & python bench/ladder.py # two copies share the runs (per-run locks)
     python bench/ladder.py --setting gpu64          # one GPU: 64x64, the celeba64 presets (not run here)
     python bench/ladder.py --data /path/to/images --rungs baseline opt_affine --seeds 0
     python bench/ladder.py --report-only            # rebuild the table and pages from what is on disk
@@ -61,8 +62,10 @@ LABELS = {"baseline": "baseline", "l2_replace": "+l2 +replace", "affine": "+affi
 PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
 PAPER_RFID = {"baseline": 93.8, "l2_replace": 86.3, "opt_affine": 74.2}
 
-# Budgets. "cpu" is sized for about an hour on 2 idle cores (12 runs: 6 rungs x 2 seeds); "smoke" is the
-# test suite's; "gpu64" is the documented setting for one GPU, at the resolution of the paper's CelebA runs.
+# Budgets. "cpu": 12 runs (6 rungs x 2 seeds) of about 7-8 minutes each on 2 idle cores, an estimate from
+# the per-step rates of the tiny presets (about 1.5 hours in all; several copies of the command share the
+# runs on a larger machine); "smoke" is the test suite's; "gpu64" is the documented setting for one GPU at
+# the paper's CelebA resolution (not measured on this project's machines).
 SETTINGS = {
     "cpu": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=1000, mg_steps=600, samples=1000,
                 reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=[]),
