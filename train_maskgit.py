@@ -27,9 +27,10 @@ from training.run import (JsonlLog, NonFiniteGuard, RunError, StopSignal, base_p
                           make_accelerator, prepare_run_dir, resolve_config, write_json)
 from training.sampler import step_loader
 from training.schedule import warmup_cosine
-from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss, maskgit_decode
+from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
 from transformer.codes import CodeDataset, check_matches_tokenizer
 from transformer.model import PRESETS as MODEL_PRESETS
+from transformer.pipeline import decode_settings, generate
 
 
 @dataclass
@@ -101,7 +102,8 @@ def main() -> None:
     val_set = CodeDataset(args.codes, "val") if "val" in train_set.header.splits else None
     header = train_set.header
     tok_sha = file_sha256(args.tokenizer)
-    tokenizer, tok_cfg = load_tokenizer(args.tokenizer)
+    tok_weights = header.dataset.get("weights", "ema")  # decode grids with the weights that encoded the codes
+    tokenizer, tok_cfg = load_tokenizer(args.tokenizer, ema=tok_weights == "ema")
     check_matches_tokenizer(header, tok_sha, tok_cfg.vq.num_codes, tok_cfg.grid, args.codes, args.tokenizer)
 
     stored = ckpt["config"]["train"] if ckpt else None
@@ -141,7 +143,7 @@ def main() -> None:
     tokenizer.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
     full_config = {"train": to_dict(cfg), "model": to_dict(cfg.model), "tokenizer": str(args.tokenizer),
-                   "tokenizer_sha256": tok_sha, "codes": str(args.codes), "attr_names": header.attr_names}
+                   "tokenizer_sha256": tok_sha, "tokenizer_weights": tok_weights, "codes": str(args.codes), "attr_names": header.attr_names}
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", full_config)
         print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
@@ -163,19 +165,17 @@ def main() -> None:
                 "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()})
         accelerator.wait_for_everyone()
 
-    @torch.no_grad()
     def write_samples() -> None:
         if not accelerator.is_main_process:
             return
-        gen = torch.Generator(device=accelerator.device).manual_seed(1234)
-        cond = None
+        attrs = None
         if cfg.masking.condition == "attrs":  # 16 samples with the attributes of the first 16 validation grids
             src = val_set or train_set
-            cond = {"attrs": torch.stack([src[i % len(src)]["attrs"] for i in range(16)]).to(accelerator.device)}
-        tokens = maskgit_decode(ema.model, 16, gen, steps=cfg.masking.sample_steps, schedule=cfg.masking.schedule, cond=cond)
-        images = tokenizer.decode_indices(tokens.view(-1, *header.grid)).clamp(-1, 1)
-        save_image((images + 1) / 2, run_dir / f"samples_{step:07d}.png", nrow=4)
-        save_image((images + 1) / 2, run_dir / "samples_latest.png", nrow=4)
+            attrs = torch.stack([src[i % len(src)]["attrs"] for i in range(16)])
+        images = next(generate(tokenizer, ema.model, 16, 16, seed=1234, attrs=attrs, progress=False,
+                               **decode_settings(full_config)))
+        save_image(images.float() / 255, run_dir / f"samples_{step:07d}.png", nrow=4)
+        save_image(images.float() / 255, run_dir / "samples_latest.png", nrow=4)
 
     bar = tqdm(total=o.steps, initial=step, desc="maskgit", disable=not accelerator.is_main_process, dynamic_ncols=True)
     model.train()

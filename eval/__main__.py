@@ -29,6 +29,7 @@ from eval.report import summary_line, write_report
 from eval.score import METRICS, score_images, score_reconstructions
 from eval.stats import KID_DEFAULTS
 from eval.swd import SWDConfig
+from transformer.pipeline import add_decode_flags, generate, load_models, parse_attrs, settings_from_args
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -193,17 +194,16 @@ def cmd_gen(args: argparse.Namespace) -> int:
         raise EvalError("gen: --ref (reference statistics) is required, except for --metrics swd with --ref-images")
     extractor = _extractor(args) if _needs_inception(args) else None
     reference = load_reference(args.ref) if args.ref else None
-    from sample import generate, load_models
-
-    tokenizer, model, _ = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
-    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, steps=args.steps,
-                       cfg_scale=args.cfg_scale, progress=False)
+    tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
+    settings = settings_from_args(args, meta)
+    attrs = parse_attrs(args.attrs, meta, model)
+    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, attrs=attrs,
+                       progress=False, **settings)
     resolution = reference.resolution if reference else tokenizer.cfg.resolution
     swd_batches = _swd_reference_batches(args, reference, resolution)
     metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
                        swd_available=swd_batches is not None)
-    sampling = {"n": args.n, "seed": args.seed, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                "batch_size": args.gen_batch_size}
+    sampling = {"n": args.n, "seed": args.seed, "batch_size": args.gen_batch_size, "attrs": args.attrs, **settings}
     result = score_images(batches, reference, extractor, metrics=metrics, swd_reference=swd_batches,
                           swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=args.n, progress=True,
@@ -273,8 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maskgit", required=True)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="guidance weight w (conditional models only)")
+    add_decode_flags(p)
     p.add_argument("--gen-batch-size", type=int, default=100)
     p.add_argument("--ref", help="reference statistics .npz (required unless --metrics swd with --ref-images)")
     p.add_argument("--ref-images", help="reference images (folder / .npz) for SWD")

@@ -45,7 +45,7 @@ def test_train_resume_and_sample(tiny_runs, tmp_path):
 
 
 def test_sampling_is_reproducible_and_inpainting_keeps_known_tokens(tiny_runs):
-    from sample import generate, load_models, token_mask
+    from transformer.pipeline import generate, load_models, token_mask
     tok, mg, _ = load_models(str(tiny_runs["tokenizer"]), str(tiny_runs["maskgit"]))
     a = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
     b = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
@@ -108,9 +108,13 @@ def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
     for i in range(len(dataset)):
         save_image((dataset[i]["image"] + 1) / 2, ref / f"{i}.png")
     out = run_script("-m", "eval", "gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"],
-                     "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path)
+                     "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path,
+                     "--attrs", "smiling=1", "--cfg-scale", "1.5")  # guidance works here as in sample.py
     result = json.loads(next(tmp_path.glob("gen_*.json")).read_text())
     assert result["metrics"]["SWD_x1e3_mean"] > 0 and result["protocol"]["sampling"]["n"] == 8
+    trained = json.loads((tiny_runs["mg_dir"] / "config.json").read_text())["train"]["masking"]
+    sampling = result["protocol"]["sampling"]
+    assert (sampling["schedule"], sampling["steps"], sampling["cfg_scale"]) == (trained["schedule"], trained["sample_steps"], 1.5)
     assert not any("FID" in k for k in result["metrics"]), out.stdout
     run_script("-m", "eval", "rfid", "--tokenizer", tiny_runs["tokenizer"], "--images", ref, "--metrics", "swd",
                "--run-dir", tmp_path, "--name", "recon")
