@@ -52,7 +52,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The house style is checked first (ruff, configured in pyproject.toml), then the test suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 # The whole pipeline at tiny scale on built-in procedural faces (~10 minutes on 2 CPU cores).

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from core.config import from_dict
+from core.errors import main_guard
+from core.files import write_json, write_text
 from data import DataConfig, build_dataset
 from tokenizer import load_tokenizer
-from training.config import from_dict
 from training.plots import plot_curves, plot_pca
-from training.run import RunError, main_guard, write_json, write_text
+from training.run import RunError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -138,7 +140,8 @@ def to_html(markdown: str, run: Path) -> str:
             out.append(f"<p>{html.escape(line)}</p>")
     if in_table:
         out.append("</table>")
-    return "<!doctype html><meta charset=utf-8><title>report</title><body style='font-family:sans-serif;max-width:900px'>\n" + "\n".join(out) + "\n</body>"
+    head = "<!doctype html><meta charset=utf-8><title>report</title><body style='font-family:sans-serif;max-width:900px'>"
+    return head + "\n" + "\n".join(out) + "\n</body>"
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from core.errors import main_guard
 from data import load_rgb, preprocess_uint8, to_float
-from training.run import main_guard
 from transformer.pipeline import add_decode_flags, generate, load_models, parse_attrs, settings_from_args, token_mask
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--mask", default=None, help="mask image, white = regenerate")
     p.add_argument("--outpaint", action="store_true", help="invert the region: keep the box, regenerate the rest")
     p.add_argument("--raw-weights", action="store_true",
-                   help="MaskGIT's raw instead of EMA weights (the tokenizer always decodes with the weights that made the codes)")
+                   help="MaskGIT's raw instead of EMA weights (the tokenizer decodes with the weights that made the codes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if not args.grid and not args.num_images:

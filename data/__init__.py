@@ -3,21 +3,13 @@
 Scripts use ``DataConfig``, ``build_dataset`` and ``build_loader``; the rest is exported for tests,
 tools and other packages (``to_uint8`` for FID, ``describe()`` for the run directory).
 """
-from .celeba import FileIndex, index_files, locate_celeba, read_attributes, read_partition
-from .dataset import (
-    DataConfig,
-    FileImages,
-    ImageDataset,
-    SkippedFile,
-    build_dataset,
-    build_loader,
-    seed_worker,
-)
-from .images import IMAGE_EXTENSIONS, BadImageError, DataError, find_images, load_rgb, to_rgb
-from .procedural import ATTRIBUTE_NAMES as PROCEDURAL_ATTRIBUTES
-from .procedural import ProceduralFaces, render_face, sample_params
-from .splits import describe_seeded, index_range_split, normalize_split, num_val, seeded_split
-from .transforms import (
+from data.celeba import FileIndex, index_files, locate_celeba, read_attributes, read_partition
+from data.dataset import DataConfig, FileImages, ImageDataset, SkippedFile, build_dataset, build_loader, seed_worker
+from data.images import IMAGE_EXTENSIONS, BadImageError, DataError, find_images, load_rgb, to_rgb
+from data.procedural import ATTRIBUTE_NAMES as PROCEDURAL_ATTRIBUTES
+from data.procedural import ProceduralFaces, render_face, sample_params
+from data.splits import describe_seeded, index_range_split, normalize_split, num_val, seeded_split
+from data.transforms import (
     REFERENCE_WIDTH,
     CelebATransform,
     crop_box,

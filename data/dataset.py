@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .celeba import FileIndex, index_files
-from .images import BadImageError, DataError, image_size, load_rgb
-from .procedural import ProceduralFaces
-from .splits import check_val_fraction, index_range_split, normalize_split
-from .transforms import REFERENCE_WIDTH, crop_box, crop_side, hflip, needs_upsampling, preprocess_uint8, to_float
+from core.config import require
+from data.celeba import FileIndex, index_files
+from data.images import BadImageError, DataError, image_size, load_rgb
+from data.procedural import ProceduralFaces
+from data.splits import check_val_fraction, index_range_split, normalize_split
+from data.transforms import REFERENCE_WIDTH, crop_box, crop_side, hflip, needs_upsampling, preprocess_uint8, to_float
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,17 @@ class DataConfig:
     cache: bool = False          # decode once at construction, keep uint8 tensors in memory
     num_workers: int = 2         # default for build_loader
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, key: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(f"DataConfig.{key}: expected {expected}, got {getattr(self, key)!r}")
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(isinstance(self.source, (str, Path)) and str(self.source).strip() != "", "source",
-             "'procedural' or a path to a CelebA root or image folder")
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
         self.source = str(self.source)
-        need(is_int(self.resolution) and self.resolution > 0, "resolution", "a positive integer")
-        need(self.crop is None or (is_int(self.crop) and self.crop >= 0), "crop",
-             "an integer >= 0 (pixels in the 178-wide frame; 0 or None for no crop)")
-        need(isinstance(self.flip, bool), "flip", "true or false")
-        need(not isinstance(self.val_fraction, bool) and isinstance(self.val_fraction, (int, float))
-             and 0.0 < self.val_fraction < 1.0, "val_fraction", "a number strictly between 0 and 1")
-        need(is_int(self.split_seed) and self.split_seed >= 0, "split_seed", "an integer >= 0")
-        need(is_int(self.num_images) and self.num_images >= 2, "num_images", "an integer >= 2")
-        need(isinstance(self.cache, bool), "cache", "true or false")
-        need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an integer >= 0")
+        require(self.source.strip() != "", "data.source: expected 'procedural' or a path to a CelebA root or image folder")
+        require(self.resolution > 0, f"data.resolution: expected a positive integer, got {self.resolution}")
+        require(self.crop is None or self.crop >= 0,
+                f"data.crop: expected an integer >= 0 (pixels in the 178-wide frame; 0 or None for no crop), got {self.crop}")
+        require(0.0 < self.val_fraction < 1.0,
+                f"data.val_fraction: expected a number strictly between 0 and 1, got {self.val_fraction}")
+        require(self.split_seed >= 0, f"data.split_seed: expected an integer >= 0, got {self.split_seed}")
+        require(self.num_images >= 2, f"data.num_images: expected an integer >= 2, got {self.num_images}")
+        require(self.num_workers >= 0, f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
 
 
 class SkippedFile(NamedTuple):

@@ -20,12 +20,20 @@ from pathlib import Path
 
 import torch
 
+from core.errors import guarded
 from eval.errors import EvalError
 from eval.images import open_images
 from eval.inception import InceptionExtractor, WeightsInfo, find_weights, verify_weights
-from eval.reference import (KEEP_FEATURES, compute_reference, dataset_batches, dataset_protocol, folder_protocol,
-                            load_reference, save_reference)
-from eval.report import summary_line, write_report
+from eval.reference import (
+    KEEP_FEATURES,
+    compute_reference,
+    dataset_batches,
+    dataset_protocol,
+    folder_protocol,
+    load_reference,
+    save_reference,
+)
+from eval.results import summary_line, write_report
 from eval.score import METRICS, score_images, score_reconstructions
 from eval.stats import KID_DEFAULTS
 from eval.swd import SWDConfig
@@ -298,14 +306,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.images import DataError
-
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (EvalError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

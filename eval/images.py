@@ -2,10 +2,10 @@
 
 Every image that reaches the Inception network or SWD (references, generated samples, reconstructions)
 is a ``uint8`` tensor ``(B, 3, H, W)``. Float images in [-1, 1] are converted by ``to_uint8``, the
-data package's conversion behind input checks, so references and samples are quantized identically. Files are decoded with the data
-package's ``load_rgb`` (the loader the reference images went through: EXIF orientation applied, alpha
-composited on white, grey and palette images expanded to RGB); nothing is ever resized here: an image
-whose size differs from the expected resolution is an error, because a silent resize would change FID.
+data package's conversion behind input checks, so references and samples are quantized identically.
+Files are decoded with the data package's ``load_rgb`` (the loader the reference images went through:
+EXIF orientation applied, alpha composited on white, grey and palette images expanded to RGB); nothing
+is ever resized here: an image whose size differs from the expected resolution is an error, because a silent resize would change FID.
 """
 from __future__ import annotations
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.files import write_text
 from eval.errors import EvalError, ReferenceMismatchError
 from eval.images import ImageSet, as_uint8_nchw, to_uint8, with_progress
 from eval.inception import FEATURE_DIM, InceptionExtractor
 from eval.stats import FeatureStats
-from training.run import write_text
 
 FORMAT = "straight-maskgit reference statistics v1"
 PROTOCOL_FIELDS = ("source", "split", "resolution", "crop", "val_fraction", "split_seed", "num_images",

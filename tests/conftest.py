@@ -39,5 +39,6 @@ def tiny_runs(tmp_path_factory):
     run_script(ROOT / "pretokenize.py", "--tokenizer", tok / "checkpoint.pt", "--out", codes, "--batch-size", "16")
     run_script(ROOT / "train_maskgit.py", "--preset", "tiny", "--run-dir", mg, "--codes", codes,
                "--tokenizer", tok / "checkpoint.pt", "optim.steps=3", "optim.batch_size=8", "log.log_every=1",
-               "masking.condition=attrs", "masking.schedule=arccos", "masking.sample_steps=5", "model.dim=32", "model.depth=1", "model.heads=2")
+               "masking.condition=attrs", "masking.schedule=arccos", "masking.sample_steps=5", "model.dim=32",
+               "model.depth=1", "model.heads=2")
     return {"tokenizer": tok / "checkpoint.pt", "tok_dir": tok, "codes": codes, "maskgit": mg / "checkpoint.pt", "mg_dir": mg}

@@ -7,9 +7,8 @@ the shared CelebA copy.
 import json
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT, run_script
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

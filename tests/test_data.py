@@ -429,11 +429,13 @@ def test_loader_seeded_order():
 
 
 @pytest.mark.parametrize("key,value", [("resolution", 0), ("val_fraction", 1.0), ("val_fraction", 0),
-                                       ("crop", -1), ("flip", "yes"), ("num_workers", -1), ("source", ""),
+                                       ("crop", -1), ("flip", "maybe"), ("num_workers", -1), ("source", ""),
                                        ("split_seed", 1.5), ("num_images", 1)])
 def test_config_validation(key, value):
-    with pytest.raises(ValueError, match=f"DataConfig.{key}: expected"):
-        DataConfig(**{key: value})
+    from core.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=f"data.{key}'?: expected"):
+        from_dict(DataConfig, {key: value}, prefix="data.")
 
 
 def test_unknown_split_name():

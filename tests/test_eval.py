@@ -22,8 +22,15 @@ import eval.__main__ as eval_main
 from eval.__main__ import main
 from eval.errors import EvalError, ImageInputError, ReferenceMismatchError, WeightsError
 from eval.images import from_uint8, open_folder, open_images, open_npz, to_uint8
-from eval.inception import (ENV_WEIGHTS, WEIGHTS_FILENAME, WEIGHTS_URL, InceptionExtractor, find_weights,
-                            make_random_weights, verify_weights)
+from eval.inception import (
+    ENV_WEIGHTS,
+    WEIGHTS_FILENAME,
+    WEIGHTS_URL,
+    InceptionExtractor,
+    find_weights,
+    make_random_weights,
+    verify_weights,
+)
 from eval.reference import ReferenceStats, load_reference, save_reference
 from eval.score import score_images, score_reconstructions
 from eval.stats import FeatureStats, frechet_distance, kernel_inception_distance
@@ -366,7 +373,7 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
     reference_images = torch.cat(list(open_folder(a).batches(N)))  # (N, 3, RES, RES) uint8
 
     def load_models(tokenizer_ckpt, maskgit_ckpt, ema, device):
-        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"train": {"masking": {"schedule": "arccos",
+        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"config": {"masking": {"schedule": "arccos",
                                                                                              "sample_steps": 5}}}
 
     def generate(tok, model, n, batch_size, seed, attrs, progress, steps, schedule):

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY_DATA, run_script
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 TOK_ARGS = ["--preset", "tiny", *TINY_DATA, "data.flip=false", "data.num_workers=0", "log.log_every=1",
             "log.image_every=1000", "log.ckpt_every=1", "optim.warmup_steps=2"]

@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_script
-from transformer.codes import CodeDataset, CodeFileError, code_dtype, read_header
+
+from data.codes import CodeDataset, CodeFileError, code_dtype, read_header
 
 
 def test_code_files_match_the_tokenizer(tiny_runs):
@@ -18,8 +18,8 @@ def test_code_files_match_the_tokenizer(tiny_runs):
     ds = CodeDataset(tiny_runs["codes"], "train")
     item = ds[0]
     assert item["tokens"].shape == (64,) and item["tokens"].max() < 128 and item["attrs"].shape == (5,)
-    from tokenizer import load_tokenizer
     from data import DataConfig, build_dataset
+    from tokenizer import load_tokenizer
     tok, _ = load_tokenizer(tiny_runs["tokenizer"])
     image = build_dataset(DataConfig(num_images=64, resolution=32), "train", train=False)[0]["image"]
     with torch.no_grad():
@@ -88,7 +88,18 @@ def test_refusals(tiny_runs, tmp_path):
     arr = np.load(bad / "train.npy")
     arr[0, 0, 0] = 500
     np.save(bad / "train.npy", arr)
+    with pytest.raises(CodeFileError, match="sha256 differs"):  # not the file the header describes
+        CodeDataset(bad, "train")
+    header = json.loads((bad / "codes.json").read_text())
+    (bad / "codes.json").write_text(json.dumps({**header, "files": {}}))  # a header without file hashes
     with pytest.raises(CodeFileError, match="outside the codebook"):
+        CodeDataset(bad, "train")
+    np.save(bad / "train.npy", arr[1:].clip(0, 127))
+    with pytest.raises(CodeFileError, match="grids, codes.json says"):
+        CodeDataset(bad, "train")
+    np.save(bad / "train.npy", arr.clip(0, 127))
+    np.save(bad / "train_attrs.npy", np.zeros((len(arr), 3), np.uint8))  # wrong width
+    with pytest.raises(CodeFileError, match="train_attrs.npy has shape"):
         CodeDataset(bad, "train")
 
 
@@ -101,6 +112,7 @@ def test_code_dtype_fits_the_codebook():
 def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
     """`python -m eval gen` and `rfid` on the tiny checkpoints, with the weight-free metric (no Inception here)."""
     from torchvision.utils import save_image
+
     from data import DataConfig, build_dataset
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -112,7 +124,7 @@ def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
                      "--attrs", "smiling=1", "--cfg-scale", "1.5")  # guidance works here as in sample.py
     result = json.loads(next(tmp_path.glob("gen_*.json")).read_text())
     assert result["metrics"]["SWD_x1e3_mean"] > 0 and result["protocol"]["sampling"]["n"] == 8
-    trained = json.loads((tiny_runs["mg_dir"] / "config.json").read_text())["train"]["masking"]
+    trained = json.loads((tiny_runs["mg_dir"] / "config.json").read_text())["masking"]
     sampling = result["protocol"]["sampling"]
     assert (sampling["schedule"], sampling["steps"], sampling["cfg_scale"]) == (trained["schedule"], trained["sample_steps"], 1.5)
     assert not any("FID" in k for k in result["metrics"]), out.stdout

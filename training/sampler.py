@@ -11,12 +11,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from core.errors import UserError
+
 
 class StepSampler(Sampler[int]):
     def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
         if num_items < batch_size * world:
-            raise ValueError(f"the dataset has {num_items} items, fewer than one global batch "
+            raise UserError(f"the dataset has {num_items} items, fewer than one global batch "
                              f"({batch_size} x {world} processes); lower the batch size")
         self.n, self.bs, self.seed, self.start = num_items, batch_size, seed, start_batch
         self.rank, self.world, self.shuffle = rank, world, shuffle

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedule import gamma, num_masked_decode
+from transformer.schedule import gamma, num_masked_decode
 
 CFG_SCHEDULES = ("constant", "linear")
 

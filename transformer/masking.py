@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .schedule import num_masked_train
+from transformer.schedule import num_masked_train
 
 
 def mask_tokens(

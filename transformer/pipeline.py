@@ -3,7 +3,7 @@ settings stored in them. ``sample.py``, ``python -m eval gen`` and the grids ``t
 writes during training all go through ``generate`` here.
 
     tokenizer, model, meta = load_models("runs/tok/checkpoint.pt", "runs/mg/checkpoint.pt")
-    settings = decode_settings(meta, steps=12)           # the trained mask schedule, T = 12
+    settings = decode_settings(meta["config"], steps=12)  # the trained mask schedule, T = 12
     for images in generate(tokenizer, model, n=100, batch_size=50, seed=0, **settings): ...
 
 The tokenizer decodes with the weights (raw or EMA) that encoded the codes MaskGIT learned from
@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from core.config import from_dict
+from core.errors import UserError
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
-from training.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from training.config import from_dict
 from transformer.decoding import CFG_SCHEDULES, maskgit_decode
 from transformer.model import MaskGIT, MaskGITConfig
 from transformer.schedule import SCHEDULES
@@ -32,13 +33,13 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
                 device: str | torch.device = "cpu") -> tuple[VQModel, MaskGIT, dict[str, Any]]:
     """Both models from their checkpoints, in eval mode; refuses a swapped or mismatched pair.
 
-    Returns (tokenizer, maskgit, meta) with meta the MaskGIT checkpoint's stored config (training
-    config, tokenizer sha256, attribute names, the tokenizer weights the codes came from)."""
+    Returns (tokenizer, maskgit, meta): meta is the MaskGIT checkpoint's provenance (tokenizer sha256
+    and weights, code directory, attribute names) and, under "config", its training config."""
     try:
         ckpt = load_checkpoint(maskgit_path, kind="maskgit")
     except CheckpointError as e:
         raise CheckpointError(f"--maskgit: {e}") from None
-    meta = ckpt["config"]
+    meta = {**ckpt["meta"], "config": ckpt["config"]}
     weights = meta.get("tokenizer_weights", "ema")  # the weights that encoded the training codes
     try:
         tokenizer, tok_cfg = load_tokenizer(tokenizer_path, ema=weights == "ema", device=device)
@@ -49,7 +50,7 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
         raise CheckpointError(f"--maskgit {maskgit_path} was trained on codes of tokenizer sha256 "
                               f"{meta['tokenizer_sha256']} ({meta['tokenizer']}), but --tokenizer {tokenizer_path} "
                               f"has sha256 {sha}")
-    cfg = from_dict(MaskGITConfig, meta["model"])
+    cfg = from_dict(MaskGITConfig, ckpt["config"]["model"])
     if cfg.num_codes != tok_cfg.vq.num_codes or tuple(cfg.grid) != tuple(tok_cfg.grid):
         raise CheckpointError(f"--maskgit expects {cfg.num_codes} codes on a {tuple(cfg.grid)} grid, --tokenizer "
                               f"has {tok_cfg.vq.num_codes} codes on {tuple(tok_cfg.grid)}")
@@ -58,10 +59,10 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
     return tokenizer, model.to(device).eval(), meta
 
 
-def decode_settings(meta: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for ``generate``: the mask schedule the model was trained with and its
-    sample-grid step count, replaced by every override that is not None."""
-    masking = meta["train"]["masking"]
+def decode_settings(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``generate`` from a MaskGIT training config: the mask schedule the model was
+    trained with and its sample-grid step count, replaced by every override that is not None."""
+    masking = config["masking"]
     settings: dict[str, Any] = {"steps": masking["sample_steps"], "schedule": masking["schedule"]}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
@@ -83,13 +84,13 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     """decode_settings from the flags of add_decode_flags, checked before any sampling."""
-    settings = decode_settings(meta, steps=args.steps, schedule=args.schedule, top_k=args.top_k,
+    settings = decode_settings(meta["config"], steps=args.steps, schedule=args.schedule, top_k=args.top_k,
                                choice_temperature=args.choice_temperature, temperature=args.temperature,
                                cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
     if settings["steps"] < 1:
-        raise ValueError(f"--steps must be >= 1, got {settings['steps']}")
+        raise UserError(f"--steps must be >= 1, got {settings['steps']}")
     if settings.get("cfg_scale") and not args.attrs:
-        raise ValueError("--cfg needs a condition: give --attrs (guidance moves samples towards a condition)")
+        raise UserError("--cfg needs a condition: give --attrs (guidance moves samples towards a condition)")
     return settings
 
 
@@ -99,12 +100,12 @@ def parse_attrs(text: str | None, meta: dict[str, Any], model: MaskGIT) -> torch
         return None
     names = meta.get("attr_names", [])
     if model.cfg.num_attrs == 0:
-        raise ValueError("--attrs given, but this MaskGIT was trained without attribute conditioning")
+        raise UserError("--attrs given, but this MaskGIT was trained without attribute conditioning")
     values = torch.zeros(model.cfg.num_attrs, dtype=torch.long)
     for item in text.split(","):
         name, _, val = item.partition("=")
         if name.strip() not in names or val.strip() not in ("0", "1"):
-            raise ValueError(f"--attrs: expected name=0|1 with name in {names}, got {item!r}")
+            raise UserError(f"--attrs: expected name=0|1 with name in {names}, got {item!r}")
         values[names.index(name.strip())] = int(val)
     return values
 
@@ -118,18 +119,18 @@ def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpa
         try:
             x0, y0, x1, y1 = (int(v) for v in box.split(","))
         except ValueError:
-            raise ValueError(f"--box expects x0,y0,x1,y1 in pixels of the {r}x{r} image, got {box!r}") from None
+            raise UserError(f"--box expects x0,y0,x1,y1 in pixels of the {r}x{r} image, got {box!r}") from None
         if not (0 <= x0 < x1 <= r and 0 <= y0 < y1 <= r):
-            raise ValueError(f"--box {box} is empty or outside the {r}x{r} image")
+            raise UserError(f"--box {box} is empty or outside the {r}x{r} image")
         pixels = torch.zeros(r, r, dtype=torch.bool)
         pixels[y0:y1, x0:x1] = True
     else:
-        raise ValueError("--inpaint needs --box or --mask")
+        raise UserError("--inpaint needs --box or --mask")
     if outpaint:
         pixels = ~pixels
     grid = F.adaptive_max_pool2d(pixels[None, None].float(), (h, w))[0, 0] > 0
     if not grid.any():
-        raise ValueError("the mask covers no token: nothing to regenerate")
+        raise UserError("the mask covers no token: nothing to regenerate")
     return grid
 
 
