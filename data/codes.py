@@ -151,7 +151,8 @@ class CodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.codes)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i = key[0] if isinstance(key, tuple) else key  # (index, draw) from StepSampler: codes draw nothing
         tokens = torch.from_numpy(np.asarray(self.codes[i], dtype=np.int64)).flatten()
         attrs = torch.from_numpy(self.attrs[i].astype(np.int64)) if self.attrs is not None else torch.zeros(0, dtype=torch.long)
         return {"tokens": tokens, "attrs": attrs}

@@ -1,4 +1,4 @@
-"""The one entry point for scripts: ``DataConfig`` -> ``build_dataset`` -> ``build_loader``.
+"""The one entry point for scripts: ``DataConfig`` -> ``build_dataset`` (loaders: ``training.sampler``).
 
 Items are dicts::
 
@@ -28,7 +28,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from core.config import require
 from data.celeba import FileIndex, index_files
@@ -55,7 +55,7 @@ class DataConfig:
     split_seed: int = 0          # seed of that split; for "procedural" also the seed of the faces
     num_images: int = 10000      # procedural only
     cache: bool = False          # decode once at construction, keep uint8 tensors in memory
-    num_workers: int = 2         # default for build_loader
+    num_workers: int = 2         # DataLoader workers of the training loop
 
     def __post_init__(self) -> None:  # types are checked by core.config.from_dict
         self.source = str(self.source)
@@ -191,7 +191,11 @@ class ImageDataset(Dataset):
             j = next((i + k) % n for k in range(1, n) if (i + k) % n not in self._bad)
             self._alias[i] = j
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``dataset[i]``, or ``dataset[(i, draw)]`` as ``training.sampler.StepSampler`` asks: the flip
+        is then a function of (draw, i) only (draw = seed + epoch), so it does not depend on which
+        loader worker or which resumed process reads the item. A plain index uses draw 0."""
+        i, draw = key if isinstance(key, tuple) else (key, 0)
         i = int(i)  # samplers may hand out numpy / torch integers
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of {len(self)}")
@@ -201,7 +205,7 @@ class ImageDataset(Dataset):
         else:
             j, x = self._load_or_substitute(i)
         image = to_float(x)  # (3, R, R) in [-1, 1]
-        if self.flip and torch.rand(()).item() < 0.5:
+        if self.flip and flip_coin(draw, i):
             image = hflip(image)
         return {"image": image, "attrs": self.source.attrs(j), "index": j}
 
@@ -257,39 +261,13 @@ def build_dataset(cfg: DataConfig, split: str, train: bool | None = None) -> Ima
     return dataset
 
 
+def flip_coin(draw: int, index: int) -> bool:
+    """A fair coin that is a pure function of (draw, index): the same in every process and worker."""
+    return random.Random(f"flip:{draw}:{index}").random() < 0.5
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy and ``random`` from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32  # DataLoader sets this to base_seed + worker_id
     np.random.seed(seed)
     random.seed(seed)
-
-
-def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 num_workers: int | None = None) -> DataLoader:
-    """A plain torch DataLoader (no Accelerate): seeded shuffling and worker seeds, persistent workers.
-
-    ``num_workers=None`` uses the ``DataConfig.num_workers`` the dataset was built with (else 0).
-    ``pin_memory`` only when CUDA is available.
-    """
-    if num_workers is None:
-        num_workers = getattr(dataset, "default_num_workers", 0)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"build_loader: batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"build_loader: num_workers must be an integer >= 0, got {num_workers!r}")
-    if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"build_loader: drop_last with batch_size {batch_size} > dataset size "
-                         f"{len(dataset)} would give no batches at all")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-        generator=generator,
-    )

@@ -88,30 +88,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror left-right: (..., H, W) -> (..., H, W)."""
     return TF.horizontal_flip(x)
-
-
-class CelebATransform:
-    """Callable ``PIL.Image -> FloatTensor (3, R, R)`` in [-1, 1], for use outside ``ImageDataset``.
-
-    With ``flip=True`` each call mirrors the image with probability 1/2, drawn from ``generator``
-    (or torch's global RNG, which DataLoader seeds per worker). Use it for training only.
-    """
-
-    def __init__(self, resolution: int = 64, crop: int | None = 140, flip: bool = False,
-                 generator: torch.Generator | None = None) -> None:
-        if resolution <= 0:
-            raise ValueError(f"resolution must be a positive integer, got {resolution}")
-        crop_side(REFERENCE_WIDTH, REFERENCE_WIDTH, crop)  # validates crop
-        self.resolution = resolution
-        self.crop = crop
-        self.flip = flip
-        self.generator = generator
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = to_float(preprocess_uint8(img, self.resolution, self.crop))
-        if self.flip and torch.rand((), generator=self.generator).item() < 0.5:
-            x = hflip(x)
-        return x
-
-    def __repr__(self) -> str:
-        return f"CelebATransform(resolution={self.resolution}, crop={self.crop}, flip={self.flip})"

@@ -21,7 +21,7 @@ from PIL import Image
 import eval.__main__ as eval_main
 from eval.__main__ import main
 from eval.errors import EvalError, ImageInputError, ReferenceMismatchError, WeightsError
-from eval.images import from_uint8, open_folder, open_images, open_npz, to_uint8
+from eval.images import checked_float, checked_uint8, open_folder, open_images, open_npz
 from eval.inception import (
     ENV_WEIGHTS,
     WEIGHTS_FILENAME,
@@ -245,7 +245,7 @@ def test_swd_zero_for_identical_sets_and_grows_with_noise():
 # --------------------------------------------------------------------------------- reconstruction FID core
 def test_rfid_identity_reconstruction_gives_zero(folders, extractor):
     a, _ = folders
-    batches = [from_uint8(b) for b in open_folder(a).batches(3)][:2]  # 6 validation images, float [-1, 1]
+    batches = [checked_float(b) for b in open_folder(a).batches(3)][:2]  # 6 validation images, float [-1, 1]
 
     def identity(x: torch.Tensor) -> torch.Tensor:
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
@@ -359,9 +359,9 @@ def test_uint8_conversion_is_the_data_package_one():
     from data.transforms import to_uint8 as data_to_uint8
 
     x = torch.linspace(-1.2, 1.2, 10001).reshape(1, 1, 1, -1)
-    assert torch.equal(to_uint8(x), data_to_uint8(x))
+    assert torch.equal(checked_uint8(x), data_to_uint8(x))
     grid = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_uint8(from_uint8(grid)), grid)
+    assert torch.equal(checked_uint8(checked_float(grid)), grid)
 
 
 def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monkeypatch):
