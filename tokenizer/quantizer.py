@@ -22,6 +22,16 @@ class NonFiniteInputError(ValueError):
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
+def check_input(quantizer: nn.Module, z_e: Tensor) -> None:
+    """The shape and dtype check every quantizer runs on its input (no device sync)."""
+    name = type(quantizer).__name__
+    if not torch.is_floating_point(z_e):
+        raise TypeError(f"{name} expects a floating-point tensor, got dtype {z_e.dtype}")
+    if z_e.dim() == 0 or z_e.shape[quantizer.dim] != quantizer.feature_size:
+        raise ValueError(f"{name} expects feature size {quantizer.feature_size} on dim {quantizer.dim}, "
+                         f"got input of shape {tuple(z_e.shape)}")
+
+
 def _check_norm(name: str | None, what: str) -> str | None:
     if isinstance(name, str) and name.lower() == "none":
         name = None
@@ -170,11 +180,7 @@ class VectorQuant(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def _check_input(self, z_e: Tensor) -> None:
-        if not torch.is_floating_point(z_e):
-            raise TypeError(f"VectorQuant expects a floating-point tensor, got dtype {z_e.dtype}")
-        if z_e.dim() == 0 or z_e.shape[self.dim] != self.feature_size:
-            raise ValueError(f"VectorQuant expects feature size {self.feature_size} on dim {self.dim}, "
-                             f"got input of shape {tuple(z_e.shape)}")
+        check_input(self, z_e)
         if not torch.isfinite(z_e).all():
             raise NonFiniteInputError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
 

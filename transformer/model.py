@@ -191,7 +191,9 @@ class MaskGIT(nn.Module):
             raise ValueError(f"MaskGIT: tokens must be (B, {cfg.seq_len}), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"MaskGIT: tokens must be an integer tensor, got {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() > cfg.mask_id):
+        # Ids are checked where they enter (CodeDataset, decoding builds its own); here only on the CPU,
+        # where it costs no device sync (on a GPU an id out of range fails in the embedding lookup).
+        if tokens.device.type == "cpu" and tokens.numel() and (tokens.min() < 0 or tokens.max() > cfg.mask_id):
             raise ValueError(f"MaskGIT: token ids must lie in [0, {cfg.mask_id}] ({cfg.mask_id} = mask)")
         b = tokens.shape[0]
 
@@ -242,7 +244,7 @@ class MaskGIT(nn.Module):
             else:
                 if labels.shape != (b,) or labels.dtype != torch.long:
                     raise ValueError(f"MaskGIT: cond['class'] must be a long tensor of shape ({b},)")
-                if labels.min() < 0 or labels.max() >= cfg.num_classes:
+                if labels.device.type == "cpu" and (labels.min() < 0 or labels.max() >= cfg.num_classes):
                     raise ValueError(f"MaskGIT: class ids must lie in [0, {cfg.num_classes})")
                 labels = torch.where(drop_cond, null, labels)
             prefix = prefix + self.class_emb(labels)  # (B, D)
@@ -255,7 +257,7 @@ class MaskGIT(nn.Module):
             else:
                 if attrs.shape != (b, a) or attrs.dtype != torch.long:
                     raise ValueError(f"MaskGIT: cond['attrs'] must be a long tensor of shape ({b}, {a})")
-                if ((attrs != 0) & (attrs != 1)).any():
+                if attrs.device.type == "cpu" and ((attrs != 0) & (attrs != 1)).any():
                     raise ValueError("MaskGIT: attribute values must be 0 or 1 (map CelebA's -1 to 0)")
                 attrs = torch.where(drop_cond[:, None], null, attrs)
             rows = attrs + 3 * torch.arange(a, device=device)  # (B, A)
