@@ -1,6 +1,6 @@
 """CelebA-style preprocessing: center crop, antialiased resize, [-1, 1] tensors, optional flip.
 
-The standard CelebA-64 recipe (METHOD.md section 6) works on the official 178x218 aligned images:
+The standard CelebA-64 recipe (docs/method.md section 6) works on the official 178x218 aligned images:
 center crop 140x140, resize to 64x64 with antialiasing. ``crop`` is given in that 178-wide reference
 frame and scales with the image, so the same setting works on the shared half-size copy:
 
@@ -10,7 +10,7 @@ frame and scales with the image, so the same setting works on the shared half-si
 
 Rounding: the side rounds half up (``floor(x + 0.5)``, not Python's round-half-to-even), and the
 offsets round *down*, so a crop that cannot be exactly centred leans towards the top-left. This
-gives the box (9, 19, 79, 89) on 89x109 stated in METHOD.md; torchvision's ``center_crop`` would
+gives the box (9, 19, 79, 89) on 89x109 stated in docs/method.md section 6; torchvision's ``center_crop`` would
 round 9.5 / 19.5 up to (10, 20). A crop larger than the image's shorter side is clamped to it.
 
 ``crop=0`` or ``None``: no face crop; the largest centred square is taken (offsets again rounded

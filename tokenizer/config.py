@@ -15,7 +15,7 @@ from tokenizer.quantizer import VectorQuant
 
 @dataclass
 class VQConfig:
-    """The VQ layer's options; names and formulas as in ``VectorQuant`` (METHOD.md section 2)."""
+    """The VQ layer's options; names and formulas as in ``VectorQuant`` (docs/method.md section 2)."""
 
     kind: str = "vector"  # "vector", "group" or "residual"
     num_codes: int = 1024

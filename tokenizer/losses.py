@@ -1,4 +1,4 @@
-"""Training losses of the tokenizer (METHOD.md section 4): reconstruction + VQ loss, and the optional
+"""Training losses of the tokenizer (docs/method.md section 4): reconstruction + VQ loss, and the optional
 VQGAN terms (Esser et al., "Taming Transformers for High-Resolution Image Synthesis", CVPR 2021):
 LPIPS perceptual loss (Zhang et al. 2018) and a PatchGAN hinge loss (Isola et al. 2017; hinge form of
 Lim & Ye 2017) balanced by VQGAN's adaptive weight (Esser et al. 2021, eq. 7).
@@ -26,7 +26,7 @@ RECON_LOSSES = ("l1", "l2")
 class LossConfig:
     """Weights of the tokenizer's loss terms; each weight is named after the term it multiplies.
 
-    ``vq_weight`` multiplies the quantizer's own loss (commitment + codebook, METHOD.md section 2.5).
+    ``vq_weight`` multiplies the quantizer's own loss (commitment + codebook, docs/method.md section 2, item 4).
     The paper (Huh et al. 2023) weighted its VQ loss by 5; 1 is the VQGAN convention.
     """
 

@@ -1,4 +1,4 @@
-"""The straightened vector-quantization layer (Huh et al., ICML 2023; ../shared/METHOD.md section 2).
+"""The straightened vector-quantization layer (Huh et al., ICML 2023; docs/method.md section 2).
 
 ``VectorQuant`` keeps the vqtorch call convention (``z_q, info = vq(z_e)``) and implements:
 affine re-parameterized codebook (learned or running-statistics), synchronized STE, alternating

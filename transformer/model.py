@@ -2,7 +2,7 @@
 
 Chang et al., "MaskGIT: Masked Generative Image Transformer", CVPR 2022, sec. 3. The network is a
 BERT-style encoder: it sees the whole (partially masked) token grid at once and predicts a
-distribution over the K codes at every position. Mask token id = K (METHOD.md sec. 5), so the
+distribution over the K codes at every position. Mask token id = K (docs/method.md section 5), so the
 input embedding has K + 1 rows while the output head covers the K real codes only: the model is
 never asked to predict "mask".
 
