@@ -77,7 +77,7 @@ def main() -> None:
                       "--tokenizer", str(tok / "checkpoint.pt"), *s["mg"]])
     stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
                      "--grid", str(run / "samples_grid.png"), "--grid-size", "64", "--num-images", str(s["samples"]),
-                     "--out-dir", str(run / "samples")])
+                     "--out-dir", str(run / "samples"), "--overwrite"])
     have_fid = inception_weights_available()
     if not have_fid:
         print("\nNo Inception weights found: evaluating with SWD (sliced Wasserstein distance), not FID. "

@@ -7,7 +7,9 @@
     python sample.py ... --inpaint face.png --box 8,8,24,24 --outpaint      # keep the box, regenerate around it
 
 ``--cfg w`` is the guidance weight of logits = cond + w (cond - uncond) (0: plain conditional).
-A seed reproduces a sample bit for bit on the same device.
+A seed reproduces a sample bit for bit on the same device. Next to the PNGs, samples.json records what
+was sampled (checkpoints and their sha256, settings, count), and `python -m eval score` reports it; a
+non-empty --out-dir is refused unless --overwrite (old PNGs would be scored with the new ones).
 """
 from __future__ import annotations
 
@@ -17,9 +19,19 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from core.errors import main_guard
+from core.checkpoint import file_sha256
+from core.errors import UserError, main_guard
+from core.files import write_json
 from data import load_rgb, preprocess_uint8, to_float
-from transformer.pipeline import add_decode_flags, generate, load_models, parse_attrs, settings_from_args, token_mask
+from transformer.pipeline import (
+    SAMPLES_RECORD,
+    add_decode_flags,
+    generate,
+    load_models,
+    parse_attrs,
+    settings_from_args,
+    token_mask,
+)
 
 
 def main() -> None:
@@ -40,11 +52,27 @@ def main() -> None:
     p.add_argument("--raw-weights", action="store_true",
                    help="MaskGIT's raw instead of EMA weights (the tokenizer decodes with the weights that made the codes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace the PNGs of a non-empty --out-dir")
     args = p.parse_args()
+    # every argument is checked before the models are loaded or anything is sampled
     if not args.grid and not args.num_images:
-        p.error("nothing to do: give --grid and/or --num-images with --out-dir")
-    if args.num_images and not args.out_dir:
-        p.error("--num-images needs --out-dir")
+        raise UserError("nothing to do: give --grid and/or --num-images with --out-dir")
+    for name in ("grid_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_images < 0:
+        raise UserError(f"--num-images must be >= 0, got {args.num_images}")
+    if args.grid and Path(args.grid).is_dir():
+        raise UserError(f"--grid {args.grid} is a directory; give the path of a .png file")
+    out = Path(args.out_dir) if args.out_dir else None
+    if args.num_images:
+        if out is None:
+            raise UserError("--num-images needs --out-dir")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out-dir {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise UserError(f"--out-dir {out} is not empty: its images would be scored with the new ones; "
+                            f"choose an empty folder or add --overwrite")
 
     device = torch.device(args.device)
     tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=not args.raw_weights, device=device)
@@ -56,20 +84,27 @@ def main() -> None:
         init = tokenizer.encode(image)[1].view(1, -1)
         init_mask = token_mask(tokenizer, args.box, args.mask, args.outpaint).view(1, -1)
     kwargs = dict(attrs=attrs, init=init, init_mask=init_mask, **settings)
+    record = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": file_sha256(args.tokenizer),
+              "maskgit": str(args.maskgit), "maskgit_sha256": file_sha256(args.maskgit),
+              "maskgit_weights": "raw" if args.raw_weights else "ema", "attrs": args.attrs,
+              "inpaint": args.inpaint, "settings": settings}
     if args.grid:
         images = torch.cat(list(generate(tokenizer, model, args.grid_size, args.batch_size, args.seed, **kwargs)))
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         save_image(images.float() / 255, args.grid, nrow=int(args.grid_size**0.5) or 1)
+        write_json(Path(args.grid).with_suffix(".json"), {**record, "count": args.grid_size, "seed": args.seed})
         print(f"sample: grid of {args.grid_size} -> {args.grid}")
     if args.num_images:
-        out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        for old in [*out.glob("*.png"), out / SAMPLES_RECORD]:  # --overwrite: nothing old is left to be scored
+            old.unlink(missing_ok=True)
         i = 0
         for batch in generate(tokenizer, model, args.num_images, args.batch_size, args.seed + 1, **kwargs):
             for img in batch:
                 save_image(img.float() / 255, out / f"{i:06d}.png")
                 i += 1
-        print(f"sample: {i} images -> {out}")
+        write_json(out / SAMPLES_RECORD, {**record, "count": i, "seed": args.seed + 1})
+        print(f"sample: {i} images -> {out} (what was sampled: {out / SAMPLES_RECORD})")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Errors in the inputs print one line ``error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +38,7 @@ from eval.results import summary_line, write_report
 from eval.score import METRICS, score_images, score_reconstructions
 from eval.stats import KID_DEFAULTS
 from eval.swd import SWDConfig
-from transformer.pipeline import add_decode_flags, generate, load_models, parse_attrs, settings_from_args
+from transformer.pipeline import SAMPLES_RECORD, add_decode_flags, generate, load_models, parse_attrs, settings_from_args
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -140,6 +141,18 @@ def _swd_reference_batches(args, reference, resolution: int):
     return dataset_batches(cfg, p["split"], args.batch_size)[0]
 
 
+def _samples_record(folder: str, count: int) -> dict | None:
+    """sample.py's record of what made the images in ``folder`` (None if absent); its count must match."""
+    path = Path(folder) / SAMPLES_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("count") != count:
+        raise EvalError(f"{folder} holds {count} images but {path} records {record.get('count')} samples: "
+                        f"leftovers from another run? Re-sample into an empty folder")
+    return record
+
+
 def _finish(args, name: str, result) -> int:
     json_path, md_path = write_report(args.run_dir, args.name or name, result)
     print(summary_line(result))
@@ -186,6 +199,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise EvalError("score: FID/KID need --ref (reference statistics); use --metrics swd with --ref-images")
     resolution = reference.resolution if reference is not None else None
     images = open_images(args.input, resolution)
+    sampled = _samples_record(args.input, images.count)
     swd_batches = _swd_reference_batches(args, reference, images.height)
     metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
                        swd_available=swd_batches is not None)
@@ -193,7 +207,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                           swd_reference=swd_batches, swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=images.count,
                           progress=True, protocol={"input": images.describe(), "reference_file": args.ref,
-                                                   "reference_images": args.ref_images, "command": sys.argv})
+                                                   "reference_images": args.ref_images, "sampled": sampled,
+                                                   "command": sys.argv})
     return _finish(args, f"score_{Path(args.input).stem}", result)
 
 
@@ -307,7 +322,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded(lambda: args.func(args))
+    return guarded(lambda: _check_outputs(args) or args.func(args))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the results go is checked first, not after minutes of computing."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise EvalError(f"--run-dir {run_dir} exists and is not a directory")
+    if getattr(args, "n", 1) < 1:
+        raise EvalError(f"--n must be >= 1, got {args.n}")
 
 
 if __name__ == "__main__":

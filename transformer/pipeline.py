@@ -28,6 +28,8 @@ from transformer.decoding import CFG_SCHEDULES, maskgit_decode
 from transformer.model import MaskGIT, MaskGITConfig
 from transformer.schedule import SCHEDULES
 
+SAMPLES_RECORD = "samples.json"  # next to a folder of samples: what made them (sample.py writes, eval reads)
+
 
 def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
                 device: str | torch.device = "cpu") -> tuple[VQModel, MaskGIT, dict[str, Any]]:
