@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 
 class UserError(ValueError):
     """Bad input, configuration, data, checkpoint or run directory; the message says which and why."""
@@ -24,6 +26,8 @@ def guarded(main: Callable[[], Any]) -> int:
     except (UserError, OSError) as e:
         if os.environ.get("TRACEBACK") or (isinstance(e, OSError) and not _path_error(e)):
             raise
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open must not share the line
+            bar.close()
         print(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     return code if isinstance(code, int) else 0

@@ -42,3 +42,27 @@ def tiny_runs(tmp_path_factory):
                "masking.condition=attrs", "masking.schedule=arccos", "masking.sample_steps=5", "model.dim=32",
                "model.depth=1", "model.heads=2")
     return {"tokenizer": tok / "checkpoint.pt", "tok_dir": tok, "codes": codes, "maskgit": mg / "checkpoint.pt", "mg_dir": mg}
+
+
+@pytest.fixture
+def entry(monkeypatch, capsys):
+    """entry(script, *argv) -> (exit status, stderr) of ``python script.py argv``, run in-process under the
+    guard the script runs under (``core.errors.guarded``); ``entry("eval", ...)`` is ``python -m eval``.
+    Signal handlers a training script installs are restored afterwards."""
+    import importlib
+    import signal
+
+    from core.errors import guarded
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def run(script, *argv):
+        if script == "eval":
+            code = importlib.import_module("eval.__main__").main([str(a) for a in argv])
+        else:
+            monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+            code = guarded(importlib.import_module(script).main)
+        return code, capsys.readouterr().err
+    yield run
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

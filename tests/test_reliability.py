@@ -171,3 +171,101 @@ def test_two_process_ddp_keeps_replicas_bit_identical(tmp_path):
     replicas = json.loads((run / "replicas.json").read_text())
     assert replicas["processes"] == 2 and replicas["step"] == 4
     assert len(set(replicas["checksums"])) == 1  # k-means init, replacement and in-place steps agree
+
+
+def test_nan_skip_policy_ends_cleanly_and_every_checkpoint_is_finite(tmp_path):
+    """The default policy (skip) used to crash with KeyError 'loss' when a whole log window was skipped."""
+    run = tmp_path / "run"
+    out = subprocess.run(_tokenizer_cmd(run, 6) + ["optim.lr=1e30", "optim.grad_clip=0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "NaN or inf" in errors[0] or "not finite" in errors[0]  # the final validation of a diverged model
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] >= 1 and "loss" not in records[-1]  # a window of skipped steps only
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    tensors = [t for part in ("model", "ema") for t in ckpt[part].values() if isinstance(t, torch.Tensor)]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_skip_policy_limit_and_refusal_of_non_finite_weights(tmp_path):
+    from accelerate import Accelerator
+
+    from training.ema import EMA
+    from training.run import NonFiniteGuard, RunError, TrainState
+
+    guard, nan, one = NonFiniteGuard("skip", patience=3), torch.tensor(float("nan")), torch.tensor(1.0)
+    assert [guard.bad(x) for x in (nan, nan, one, nan, nan)] == [True, True, False, True, True]
+    with pytest.raises(RunError, match="3 non-finite step"):
+        guard.bad(torch.tensor(float("inf")))  # the third in a row
+    with pytest.raises(RunError, match="policy 'stop'"):
+        NonFiniteGuard("stop").bad(nan)
+    model = torch.nn.Linear(2, 2)
+    state = TrainState(model, EMA(model, 0.9), torch.optim.SGD(model.parameters(), lr=0.1))
+    state.save(tmp_path, Accelerator(cpu=True), "tokenizer", {}, {})
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(RunError, match="not finite.*last good one"):
+        state.save(tmp_path, Accelerator(cpu=True), "tokenizer", {}, {})
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+def test_logged_averages_after_a_resume_off_a_log_boundary(entry, tiny_runs, tmp_path):
+    """Resumed at step 3 with log_every=4, the step-4 record averages one step (it used to divide by 4)."""
+    common = ["--codes", tiny_runs["codes"], "--tokenizer", tiny_runs["tokenizer"], "optim.batch_size=8",
+              "model.dim=32", "model.depth=1", "model.heads=2", "log.image_every=1000"]
+    assert entry("train_maskgit", "--run-dir", tmp_path / "straight", *common, "optim.steps=5", "log.log_every=1")[0] == 0
+    assert entry("train_maskgit", "--run-dir", tmp_path / "split", *common, "optim.steps=3", "log.log_every=4")[0] == 0
+    assert entry("train_maskgit", "--run-dir", tmp_path / "split", "--resume", *common, "optim.steps=5",
+                 "log.log_every=4")[0] == 0
+    straight, split = ({r["step"]: r for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())}
+                       for d in ("straight", "split"))
+    assert sorted(split) == [3, 4, 5]
+    assert split[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-6)  # one step summed, one step divided
+    assert split[5]["loss"] == pytest.approx(straight[5]["loss"], rel=1e-6)
+
+
+def _agree(rank, world, init, out):
+    """One process of the gloo test: rank 1 alone sees a NaN loss, rank 0 alone got SIGTERM."""
+    import torch.distributed as dist
+
+    from training.run import NonFiniteGuard, StopSignal
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    loss = torch.tensor(float("nan") if rank == 1 else 0.5)
+    stop = StopSignal()
+    if rank == 0:
+        stop.requested = "SIGTERM"
+    decisions = [NonFiniteGuard("skip").bad(loss), stop.agreed(torch.device("cpu")),
+                 NonFiniteGuard("skip").bad(torch.tensor(0.5))]
+    (out / f"rank{rank}.json").write_text(json.dumps(decisions))
+    dist.destroy_process_group()
+
+
+def test_nan_and_stop_decisions_are_taken_by_all_ranks_together(tmp_path):
+    """A NaN on one rank skips the step on every rank, a SIGTERM to one rank stops them all: a decision taken
+    per rank would leave the others waiting in a collective (a hang). Two CPU processes, gloo."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(2, f"file://{tmp_path / 'rendezvous'}", tmp_path), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, True, False]] * 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "train_tokenizer.py"), "--run-dir", str(run), *TOK_ARGS, "optim.steps=100000",
+           "log.ckpt_every=100000", "data.num_images=128"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    rank1 = next(int(c) for c in children if b"LOCAL_RANK=1" in open(f"/proc/{c}/environ", "rb").read().split(b"\0"))
+    os.kill(rank1, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
+    replicas = json.loads((run / "replicas.json").read_text())
+    assert len(set(replicas["checksums"])) == 1 and load_checkpoint(run / "checkpoint.pt")["step"] == replicas["step"]

@@ -3,7 +3,6 @@ work, nothing lost. The entry points run in-process through the guard they run u
 (``core.errors.guarded``), so the whole list costs seconds; ``test_guard_as_a_script`` shows the same
 line and status from a real process."""
 import errno
-import importlib
 import json
 import shutil
 import sys
@@ -14,25 +13,11 @@ import torch
 from conftest import ROOT, TINY_DATA, run_script
 
 import eval.__main__ as eval_cli
-from core.errors import UserError, guarded
+from core.errors import UserError
 from core.files import write_text
 from training.run import JsonlLog, RunError
 
 MG_SMALL = ["model.dim=32", "model.depth=1", "model.heads=2", "optim.batch_size=8"]
-
-
-@pytest.fixture
-def entry(monkeypatch, capsys):
-    """entry(script, *argv) -> (exit status, stderr) of ``python script.py argv`` run in-process."""
-    def run(script, *argv):
-        if script == "eval":
-            code = eval_cli.main([str(a) for a in argv])
-        else:
-            monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
-            code = guarded(importlib.import_module(script).main)
-        err = capsys.readouterr().err
-        return code, err
-    return run
 
 
 def _one_line_error(code, err, *fragments):

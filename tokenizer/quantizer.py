@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
 
 NORMS = (None, "l2")
 
 
-class NonFiniteInputError(ValueError):
+class NonFiniteInputError(UserError):
     """The quantizer's input holds NaN/inf: the encoder diverged (training scripts catch this)."""
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
