@@ -64,13 +64,17 @@ def write_code_dir(out_dir: str | os.PathLike, header: CodeHeader,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     header.splits, header.files = {}, {}
-    for split, (codes, attrs) in arrays.items():
-        header.splits[split] = len(codes)
-        for name, arr in ((f"{split}.npy", codes), (f"{split}_attrs.npy", attrs)):
-            if arr is not None:
-                np.save(tmp / name, arr)
-                header.files[name] = file_sha256(tmp / name)
-    (tmp / "codes.json").write_text(json.dumps(header.to_json(), indent=2) + "\n")
+    try:
+        for split, (codes, attrs) in arrays.items():
+            header.splits[split] = len(codes)
+            for name, arr in ((f"{split}.npy", codes), (f"{split}_attrs.npy", attrs)):
+                if arr is not None:
+                    np.save(tmp / name, arr)
+                    header.files[name] = file_sha256(tmp / name)
+        (tmp / "codes.json").write_text(json.dumps(header.to_json(), indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.with_name(f".{out.name}.old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -132,3 +132,51 @@ def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
                "--run-dir", tmp_path, "--name", "recon")
     recon = json.loads((tmp_path / "recon.json").read_text())
     assert recon["metrics"]["SWD_x1e3_mean"] > 0
+
+
+def test_code_directory_is_written_whole_or_not_at_all(entry, tiny_runs, tmp_path, monkeypatch):
+    """`--splits val` used to re-stamp the header and leave another tokenizer's train.npy in place, and a
+    failure between the arrays and the header left new arrays under the old header."""
+    codes = tmp_path / "codes"
+    shutil.copytree(tiny_runs["codes"], codes)
+    before = {p.name: p.read_bytes() for p in codes.iterdir()}
+    import data.codes
+
+    def disk_full_at_the_second_file(path, arr, calls=[]):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        np.lib.format.write_array(open(path, "wb"), arr)
+    monkeypatch.setattr(data.codes.np, "save", disk_full_at_the_second_file)
+    code, err = entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", codes, "--splits", "val",
+                      "--batch-size", "16")
+    monkeypatch.undo()
+    assert code == 2 and "disk full" in err.splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in codes.iterdir()} == before  # the old directory, untouched
+    assert not list(tmp_path.glob(".codes*"))
+    assert entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", codes, "--splits", "val",
+                 "--batch-size", "16")[0] == 0
+    assert sorted(p.name for p in codes.iterdir()) == ["codes.json", "val.npy", "val_attrs.npy"]
+    with pytest.raises(CodeFileError, match="no 'train' split"):
+        CodeDataset(codes, "train")
+    assert len(CodeDataset(codes, "val")) == read_header(codes).splits["val"]
+
+
+def test_the_tokenizer_decodes_with_the_weights_that_made_the_codes(entry, tiny_runs, tmp_path):
+    """Codes made with the raw tokenizer weights are decoded with the raw weights (sample grids, sample.py,
+    eval gen: one path); sample.py --raw-weights switches MaskGIT's weights only."""
+    from transformer.pipeline import load_models
+
+    raw_codes, mg = tmp_path / "raw_codes", tmp_path / "mg"
+    assert entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", raw_codes, "--raw-weights",
+                 "--splits", "train", "--batch-size", "32", "data.flip=false")[0] == 0
+    assert entry("train_maskgit", "--run-dir", mg, "--codes", raw_codes, "--tokenizer", tiny_runs["tokenizer"],
+                 "optim.steps=1", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2")[0] == 0
+    ckpt = torch.load(tiny_runs["tokenizer"], weights_only=True)
+    differs = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, ckpt["ema"][k])]
+    assert differs  # after two steps the raw and EMA weights are not the same
+    for maskgit, weights in ((mg / "checkpoint.pt", "model"), (tiny_runs["maskgit"], "ema")):
+        for ema in (True, False):
+            tok, _, meta = load_models(str(tiny_runs["tokenizer"]), str(maskgit), ema=ema)
+            assert meta["tokenizer_weights"] == {"model": "raw", "ema": "ema"}[weights]
+            assert all(torch.equal(tok.state_dict()[k], ckpt[weights][k]) for k in differs)
