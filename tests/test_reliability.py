@@ -31,9 +31,10 @@ def _maskgit_cmd(run_dir, runs, steps):
 
 
 def _kill_and_resume(cmd, run_dir, steps, kills, seed):
-    """SIGKILL the run at random moments (while it trains and writes checkpoints), resume each time."""
+    """SIGKILL the run at random moments (while it trains and writes checkpoints), resume each time.
+    Returns the number of real kills: a process that had already exited is not counted."""
     rng = random.Random(seed)
-    ckpt, last_step, survived = run_dir / "checkpoint.pt", 0, 0
+    ckpt, last_step, killed = run_dir / "checkpoint.pt", 0, 0
     for _ in range(kills):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -42,15 +43,17 @@ def _kill_and_resume(cmd, run_dir, steps, kills, seed):
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.6))  # ... then kill at a random moment
+        alive = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed += alive and proc.returncode == -signal.SIGKILL
         step = load_checkpoint(ckpt)["step"]  # (a) the latest checkpoint always loads
         assert step >= last_step  # (b) never further back than the last completed checkpoint
-        last_step, survived = step, survived + 1
+        last_step = step
         if step >= steps:
             break
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return survived
+    return killed
 
 
 def _weights(path):
@@ -69,20 +72,43 @@ def _assert_same_weights(a, b):
 def test_tokenizer_survives_sigkill_and_resumes_exactly(tmp_path, steps, kills):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_tokenizer_cmd(straight, steps, resume=False), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    survived = _kill_and_resume(_tokenizer_cmd(killed, steps), killed, steps, kills=kills, seed=0)
-    assert survived >= 1
+    kills_done = _kill_and_resume(_tokenizer_cmd(killed, steps), killed, steps, kills=kills, seed=0)
+    assert kills_done >= 1  # killed while running, at least once
     assert load_checkpoint(killed / "checkpoint.pt")["step"] == steps
     _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")  # (c) bit-identical on CPU
-    assert not list(killed.glob(".*.tmp"))  # temp files of writes cut short are cleaned up on resume
 
 
 @pytest.mark.parametrize("steps,kills", [(6, 1), pytest.param(30, 10, marks=pytest.mark.slow)])
 def test_maskgit_survives_sigkill_and_resumes_exactly(tiny_runs, tmp_path, steps, kills):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_maskgit_cmd(straight, tiny_runs, steps), cwd=ROOT, check=True, capture_output=True, timeout=300)
-    survived = _kill_and_resume(_maskgit_cmd(killed, tiny_runs, steps), killed, steps, kills=kills, seed=1)
-    assert survived >= 1
+    kills_done = _kill_and_resume(_maskgit_cmd(killed, tiny_runs, steps), killed, steps, kills=kills, seed=1)
+    assert kills_done >= 1
     _assert_same_weights(straight / "checkpoint.pt", killed / "checkpoint.pt")
+
+
+_KILL_BEFORE_RENAME = """
+import os, signal, sys, torch
+import core.checkpoint as c
+c.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # die after torch.save, before the rename
+c.save_checkpoint(sys.argv[1], {"kind": "tokenizer", "step": 2, "model": {"w": torch.zeros(3)}})
+"""
+
+
+def test_kill_between_save_and_rename_leaves_the_old_checkpoint(tmp_path):
+    """Fault injection, not chance: SIGKILL exactly between torch.save of the temp file and its rename."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"kind": "tokenizer", "step": 1, "model": {"w": torch.ones(3)}})
+    out = subprocess.run([sys.executable, "-c", _KILL_BEFORE_RENAME, str(path)], cwd=ROOT, capture_output=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == -signal.SIGKILL
+    assert load_checkpoint(path)["step"] == 1  # the old checkpoint, intact
+    leftovers = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the new one was written, not renamed
+    from training.run import prepare_run_dir
+
+    prepare_run_dir(tmp_path)  # what every (resumed) run does first
+    assert not list(tmp_path.glob(".*.tmp")) and load_checkpoint(path)["step"] == 1
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
@@ -171,6 +197,15 @@ def test_two_process_ddp_keeps_replicas_bit_identical(tmp_path):
     replicas = json.loads((run / "replicas.json").read_text())
     assert replicas["processes"] == 2 and replicas["step"] == 4
     assert len(set(replicas["checksums"])) == 1  # k-means init, replacement and in-place steps agree
+    # ... and they are the weights in the checkpoint, hashed here independently of the run's own checksum
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in load_checkpoint(run / "checkpoint.pt")["model"].items():
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert replicas["checksums"][1] == h.hexdigest()[:16]  # rank 1 holds what rank 0 saved
 
 
 def test_nan_skip_policy_ends_cleanly_and_every_checkpoint_is_finite(tmp_path):
@@ -224,6 +259,7 @@ def test_logged_averages_after_a_resume_off_a_log_boundary(entry, tiny_runs, tmp
     assert sorted(split) == [3, 4, 5]
     assert split[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-6)  # one step summed, one step divided
     assert split[5]["loss"] == pytest.approx(straight[5]["loss"], rel=1e-6)
+    _assert_same_weights(tmp_path / "straight" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")  # exact resume
 
 
 def _agree(rank, world, init, out):

@@ -4,6 +4,7 @@ work, nothing lost. The entry points run in-process through the guard they run u
 line and status from a real process."""
 import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,14 +28,22 @@ def _one_line_error(code, err, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 @pytest.fixture(scope="module")
 def evil(tmp_path_factory):
-    class Exploit:
-        def __reduce__(self):
-            return (print, ("pwned",))
-    path = tmp_path_factory.mktemp("evil") / "checkpoint.pt"
-    torch.save({"format": "straight-maskgit", "kind": "maskgit", "model": Exploit()}, path)
-    return path
+    """A checkpoint whose unpickling would run a command (touch a marker file); the marker must never appear."""
+    folder = tmp_path_factory.mktemp("evil")
+    torch.save({"format": "straight-maskgit", "kind": "maskgit", "model": _Exploit(folder / "pwned")},
+               folder / "checkpoint.pt")
+    yield folder / "checkpoint.pt"
+    assert not (folder / "pwned").exists()
 
 
 def test_bad_checkpoints_at_every_entry_point(entry, tiny_runs, evil, tmp_path):
@@ -56,6 +65,7 @@ def test_bad_checkpoints_at_every_entry_point(entry, tiny_runs, evil, tmp_path):
         (("pretokenize", "--tokenizer", empty, "--out", tmp_path / "c"), "checkpoint not found"),
         (("train_maskgit", "--run-dir", tmp_path / "m", "--codes", codes, "--tokenizer", empty), "checkpoint not found"),
         (("train_maskgit", "--run-dir", tmp_path / "m2", "--codes", codes, "--tokenizer", evil), "refused"),
+        (("train_maskgit", "--run-dir", evil.parent, "--resume", "--codes", codes, "--tokenizer", tok), "refused"),
     ]
     for argv, fragment in cases:
         _one_line_error(*entry(*argv), fragment)
