@@ -77,8 +77,11 @@ def build(run: Path) -> tuple[str, dict]:
     evals = {p.stem: read_json(p) for p in sorted((run / "eval").glob("*.json"))} if (run / "eval").is_dir() else {}
     metrics["eval"] = evals
 
+    sampled = read_json(run / "samples_grid.json")  # sample.py's record of the grid (transformer.pipeline settings)
+    how = (f"{sampled.get('maskgit_weights', 'ema').upper()} weights, {sampled['settings']['steps']} decoding steps, "
+           f"{sampled['settings']['schedule']} schedule" if sampled else "settings not recorded")
     captions = {
-        "samples_grid.png": "MaskGIT samples (EMA weights, 8 decoding steps)",
+        "samples_grid.png": f"MaskGIT samples ({how})",
         "tokenizer/recon_latest.png": "validation images (top) and their reconstructions (bottom)",
         "curves_tokenizer.png": "tokenizer training curves",
         "curves_maskgit.png": "MaskGIT training curves",
