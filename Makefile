@@ -5,8 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# CelebA root / image folder, or "procedural"
-DATA       ?= procedural
+# CelebA root / image folder, or "procedural" (required by the targets that read images: no default, so
+# the GPU recipe never trains on procedural faces by accident)
+DATA       ?=
 # pipeline directory: tokenizer/, codes/, maskgit/, samples/, eval/
 RUN        ?= runs/celeba
 # train_tokenizer.py preset (tiny, small, celeba64)
@@ -22,9 +23,10 @@ NPROC      ?= 1
 # samples for FID
 N          ?= 10000
 SEED       ?= 0
-# MaskGIT decoding steps
-STEPS      ?= 8
-# guidance weight w (conditional models only)
+# MaskGIT decoding steps (empty: the number the model was trained with)
+STEPS      ?=
+# attribute condition, e.g. smiling=1,glasses=0, and guidance weight w (conditional models only)
+ATTRS      ?=
 CFG        ?= 0
 # reference split for FID
 SPLIT      ?= val
@@ -32,17 +34,25 @@ RES        ?= 64
 # Inception weights file (else $$FID_INCEPTION_WEIGHTS or the torch hub cache)
 WEIGHTS    ?=
 BENCH_ARGS ?= --quick
-# bench/ladder.py: image folder / shared CelebA tarball folder, and extra flags (e.g. --setting gpu64)
-LADDER_DATA ?= ../shared/data/celeba_align_89x109
+# image folder (or folder of CelebA tarballs) of the benchmarks that read real images; empty: their
+# default ($$BENCH_DATA)
+BENCH_DATA ?=
+# bench/ladder.py: its data (default BENCH_DATA) and extra flags (e.g. --setting gpu64)
+LADDER_DATA ?= $(BENCH_DATA)
 LADDER_ARGS ?=
 
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m accelerate.commands.launch --num_processes $(NPROC))
 TOK := $(RUN)/tokenizer/checkpoint.pt
 MG  := $(RUN)/maskgit/checkpoint.pt
 WFLAG := $(if $(WEIGHTS),--weights $(WEIGHTS),)
+BDATA := $(if $(BENCH_DATA),--data $(BENCH_DATA),)
+CODES := $(RUN)/codes/codes.json
+need_data = $(if $(DATA),,$(error DATA is not set: give DATA=/path/to/celeba (or DATA=procedural for a toy run)))
 REF := $(RUN)/eval/ref_$(SPLIT)_$(RES).npz
 
 .PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report celeba bench ladder
+# The stages depend on each other's files on disk: never run two at once (make -j).
+.NOTPARALLEL:
 
 # Creates the virtual environment once; re-installs when pyproject.toml changes.
 setup: $(STAMP)
@@ -52,7 +62,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The house style is checked first (ruff, configured in pyproject.toml), then the test suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
 # The whole pipeline at tiny scale on built-in procedural faces (~10 minutes on 2 CPU cores).
@@ -60,22 +72,27 @@ demo: $(STAMP)
 	$(PY) demo.py --run runs/demo
 
 tokenizer: $(STAMP)
+	$(need_data)
 	$(LAUNCH) train_tokenizer.py --preset $(TOK_PRESET) --run-dir $(RUN)/tokenizer --resume \
 		data.source=$(DATA) $(TOK_ARGS)
 
-codes: $(STAMP)
+# Encoded once; again only when the tokenizer checkpoint is newer than the code files.
+codes: $(CODES)
+$(CODES): $(TOK) | $(STAMP)
 	$(PY) pretokenize.py --tokenizer $(TOK) --out $(RUN)/codes
+$(TOK):  # written by `make tokenizer`; pretokenize.py says so if it is missing
 
-maskgit: codes
+maskgit: $(CODES)
 	$(LAUNCH) train_maskgit.py --preset $(MG_PRESET) --run-dir $(RUN)/maskgit --resume \
 		--codes $(RUN)/codes --tokenizer $(TOK) $(MG_ARGS)
 
 sample: $(STAMP)
-	$(PY) sample.py --tokenizer $(TOK) --maskgit $(MG) --seed $(SEED) --steps $(STEPS) \
-		--cfg $(CFG) --grid $(RUN)/samples_grid.png --num-images $(N) \
-		--out-dir $(RUN)/samples
+	$(PY) sample.py --tokenizer $(TOK) --maskgit $(MG) --seed $(SEED) $(if $(STEPS),--steps $(STEPS),) \
+		$(if $(ATTRS),--attrs $(ATTRS),) --cfg $(CFG) --grid $(RUN)/samples_grid.png --num-images $(N) \
+		--out-dir $(RUN)/samples --overwrite
 
 fid-ref: $(STAMP)
+	$(need_data)
 	$(PY) -m eval ref --data $(DATA) --split $(SPLIT) --resolution $(RES) \
 		--out $(REF) $(WFLAG)
 
@@ -83,6 +100,7 @@ fid: $(STAMP)
 	$(PY) -m eval score $(RUN)/samples --ref $(REF) --run-dir $(RUN)/eval --name generation $(WFLAG)
 
 rfid: $(STAMP)
+	$(need_data)
 	$(PY) -m eval rfid --tokenizer $(TOK) --data $(DATA) --split $(SPLIT) \
 		--resolution $(RES) --run-dir $(RUN)/eval $(WFLAG)
 
@@ -95,13 +113,13 @@ celeba: tokenizer maskgit sample fid-ref fid rfid report
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_vq.py $(BENCH_ARGS)
-	$(PY) bench/bench_loader.py $(BENCH_ARGS)
+	$(PY) bench/bench_loader.py $(BDATA) $(BENCH_ARGS)
 	$(PY) bench/bench_stage_two.py $(BENCH_ARGS)
-	$(PY) bench/bench_fid.py $(BENCH_ARGS)
+	$(PY) bench/bench_fid.py $(BDATA) $(BENCH_ARGS)
 	$(PY) bench/bench_train.py $(BENCH_ARGS)
-	$(PY) bench/ablation.py $(BENCH_ARGS)
+	$(PY) bench/ablation.py $(BDATA) $(BENCH_ARGS)
 
 # The paper's claim: tokenizer -> codes -> MaskGIT -> samples -> SWD (FID with the Inception weights)
 # for every rung of the ablation ladder and two seeds; resumable (re-run to continue).
 ladder: $(STAMP)
-	$(PY) bench/ladder.py --data $(LADDER_DATA) $(LADDER_ARGS)
+	$(PY) bench/ladder.py $(if $(LADDER_DATA),--data $(LADDER_DATA),) $(LADDER_ARGS)

@@ -42,8 +42,8 @@ def write_reference_images(tokenizer_run: Path, folder: Path, n: int) -> None:
 
     from torchvision.utils import save_image
 
+    from core.config import from_dict
     from data import DataConfig, build_dataset
-    from training.config import from_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = from_dict(DataConfig, json.loads((tokenizer_run / "config.json").read_text())["data"])
@@ -77,9 +77,8 @@ def main() -> None:
                       "--tokenizer", str(tok / "checkpoint.pt"), *s["mg"]])
     stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
                      "--grid", str(run / "samples_grid.png"), "--grid-size", "64", "--num-images", str(s["samples"]),
-                     "--out-dir", str(run / "samples")])
+                     "--out-dir", str(run / "samples"), "--overwrite"])
     have_fid = inception_weights_available()
-    metrics = "auto" if have_fid else "swd"
     if not have_fid:
         print("\nNo Inception weights found: evaluating with SWD (sliced Wasserstein distance), not FID. "
               "To get FID, put weights-inception-2015-12-05-6726825d.pth where the README says and re-run.")

@@ -10,23 +10,24 @@ done once here rather than by re-encoding every epoch).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.checkpoint import checkpoint_path, file_sha256, load_checkpoint
+from core.config import apply_overrides, from_dict, to_dict
+from core.errors import main_guard
 from data import DataConfig, build_dataset
+from data.codes import CodeFileError, CodeHeader, code_dtype, write_code_dir
 from tokenizer import load_tokenizer
-from training.checkpoint import file_sha256, load_checkpoint
-from training.config import apply_overrides, from_dict, to_dict
-from training.run import main_guard, prepare_run_dir
-from transformer.codes import CodeFileError, CodeHeader, code_dtype, write_header, write_split
+from training.run import prepare_run_dir
 
 
 @torch.no_grad()
-def encode_split(model, dataset, batch_size: int, flip: bool, device: torch.device, desc: str) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_split(model, dataset, batch_size: int, flip: bool, device: torch.device,
+                 desc: str) -> tuple[np.ndarray, np.ndarray | None]:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=dataset.default_num_workers)
     dtype = code_dtype(model.num_codes)
     codes, flipped, attrs = [], [], []
@@ -51,7 +52,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="data.key=value", help="overrides of the tokenizer's data config")
     args = p.parse_args()
 
+    # everything is checked before the encoder runs
     ckpt = load_checkpoint(args.tokenizer, kind="tokenizer")
+    tok_path, tok_sha = checkpoint_path(args.tokenizer), file_sha256(args.tokenizer)
     if ckpt["config"]["model"]["vq"]["kind"] != "vector":
         raise CodeFileError("pretokenize: MaskGIT needs one token per position; this tokenizer uses a "
                             f"{ckpt['config']['model']['vq']['kind']} quantizer")
@@ -59,23 +62,24 @@ def main() -> None:
         raise CodeFileError(f"pretokenize only takes data.* overrides, got {args.overrides}")
     data_cfg = apply_overrides(from_dict(DataConfig, ckpt["config"]["data"]), [o[len("data."):] for o in args.overrides])
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not splits or len(set(splits)) != len(splits):
+        raise CodeFileError(f"--splits: expected distinct comma-separated split names, got {args.splits!r}")
     datasets = {s: build_dataset(data_cfg, s, train=False) for s in splits}  # data errors before the model
 
     out = prepare_run_dir(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_tokenizer(args.tokenizer, ema=not args.raw_weights, device=device)
-    counts = {}
+    model, cfg = load_tokenizer(tok_path, ema=not args.raw_weights, device=device)
+    arrays = {}
     for split, dataset in datasets.items():
         flip = data_cfg.flip and split == "train"
-        codes, attrs = encode_split(model, dataset, args.batch_size, flip, device, f"encode {split}")
-        write_split(out, split, codes, attrs)
-        counts[split] = len(codes)
-    header = CodeHeader(tokenizer=str(Path(args.tokenizer).resolve()), tokenizer_sha256=file_sha256(args.tokenizer),
+        arrays[split] = encode_split(model, dataset, args.batch_size, flip, device, f"encode {split}")
+    header = CodeHeader(tokenizer=str(tok_path.resolve()), tokenizer_sha256=tok_sha,
                         num_codes=cfg.vq.num_codes, grid=cfg.grid, dtype=str(code_dtype(cfg.vq.num_codes)),
-                        flip=data_cfg.flip, attr_names=list(next(iter(datasets.values())).attr_names),
-                        splits=counts, dataset={"config": to_dict(data_cfg), "weights": "raw" if args.raw_weights else "ema",
-                                                **{s: d.describe() for s, d in datasets.items()}})
-    write_header(out, header)
+                        flip=data_cfg.flip, attr_names=list(next(iter(datasets.values())).attr_names), splits={},
+                        dataset={"config": to_dict(data_cfg), "weights": "raw" if args.raw_weights else "ema",
+                                 **{s: d.describe() for s, d in datasets.items()}})
+    write_code_dir(out, header, arrays)
+    counts = header.splits
     print(f"pretokenize: {', '.join(f'{s} {n} grids' for s, n in counts.items())} of {cfg.grid[0]}x{cfg.grid[1]} "
           f"tokens ({header.dtype}) -> {out}")
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from core.config import from_dict
+from core.errors import main_guard
+from core.files import write_json, write_text
 from data import DataConfig, build_dataset
 from tokenizer import load_tokenizer
-from training.config import from_dict
 from training.plots import plot_curves, plot_pca
-from training.run import RunError, main_guard, write_json, write_text
+from training.run import RunError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -75,8 +77,11 @@ def build(run: Path) -> tuple[str, dict]:
     evals = {p.stem: read_json(p) for p in sorted((run / "eval").glob("*.json"))} if (run / "eval").is_dir() else {}
     metrics["eval"] = evals
 
+    sampled = read_json(run / "samples_grid.json")  # sample.py's record of the grid (transformer.pipeline settings)
+    how = (f"{sampled.get('maskgit_weights', 'ema').upper()} weights, {sampled['settings']['steps']} decoding steps, "
+           f"{sampled['settings']['schedule']} schedule" if sampled else "settings not recorded")
     captions = {
-        "samples_grid.png": "MaskGIT samples (EMA weights, 8 decoding steps)",
+        "samples_grid.png": f"MaskGIT samples ({how})",
         "tokenizer/recon_latest.png": "validation images (top) and their reconstructions (bottom)",
         "curves_tokenizer.png": "tokenizer training curves",
         "curves_maskgit.png": "MaskGIT training curves",
@@ -138,7 +143,8 @@ def to_html(markdown: str, run: Path) -> str:
             out.append(f"<p>{html.escape(line)}</p>")
     if in_table:
         out.append("</table>")
-    return "<!doctype html><meta charset=utf-8><title>report</title><body style='font-family:sans-serif;max-width:900px'>\n" + "\n".join(out) + "\n</body>"
+    head = "<!doctype html><meta charset=utf-8><title>report</title><body style='font-family:sans-serif;max-width:900px'>"
+    return head + "\n" + "\n".join(out) + "\n</body>"
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ names the tokenizer and its sha256), samples_*.png and train_metrics.json.
 """
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -19,17 +19,32 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from core.checkpoint import file_sha256
+from core.config import from_dict, to_dict
+from core.errors import main_guard
+from core.files import write_json
+from data.codes import CodeDataset, check_matches_tokenizer
 from tokenizer import load_tokenizer
-from training.checkpoint import file_sha256, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import LogConfig, OptimConfig, to_dict
+from training.config import LogConfig, OptimConfig
 from training.ema import EMA
-from training.run import (JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, check_replicas, main_guard,
-                          make_accelerator, prepare_run_dir, resolve_config, write_json)
+from training.lr_schedule import warmup_cosine
+from training.run import (
+    JsonlLog,
+    MetricWindow,
+    NonFiniteGuard,
+    RunError,
+    StopSignal,
+    TrainState,
+    base_parser,
+    make_accelerator,
+    open_run,
+    parse_run_args,
+    resolve_config,
+)
 from training.sampler import step_loader
-from training.schedule import warmup_cosine
-from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss, maskgit_decode
-from transformer.codes import CodeDataset, check_matches_tokenizer
+from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
 from transformer.model import PRESETS as MODEL_PRESETS
+from transformer.pipeline import decode_settings, generate
 
 
 @dataclass
@@ -50,13 +65,13 @@ class TrainMaskGITConfig:
 
 PRESETS = {
     "tiny": TrainMaskGITConfig(
-        model=MaskGITConfig(**MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
+        model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
         optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
                           warmup_steps=50, ema_decay=0.99),
         log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
     # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
     "celeba64": TrainMaskGITConfig(
-        model=MaskGITConfig(**MODEL_PRESETS["celeba64"]),
+        model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
         optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
                           warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
         log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
@@ -91,22 +106,26 @@ def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfi
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[1], PRESETS, "tiny")
-    p.add_argument("--codes", required=True, help="code directory written by pretokenize.py")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer checkpoint the codes were made with")
-    args = p.parse_args()
-    run_dir = prepare_run_dir(args.run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt", kind="maskgit") if args.resume and (run_dir / "checkpoint.pt").exists() else None
+    p.add_argument("--codes", help="code directory written by pretokenize.py (required)")
+    p.add_argument("--tokenizer", help="the tokenizer checkpoint the codes were made with (required)")
+    args = parse_run_args(p, PRESETS, "codes", "tokenizer")
+    run_dir, ckpt = open_run(args, "maskgit")
 
+    # data: the code files, tied to the tokenizer that made them
     train_set = CodeDataset(args.codes, "train")
     val_set = CodeDataset(args.codes, "val") if "val" in train_set.header.splits else None
     header = train_set.header
     tok_sha = file_sha256(args.tokenizer)
-    tokenizer, tok_cfg = load_tokenizer(args.tokenizer)
+    tok_weights = header.dataset.get("weights", "ema")  # decode grids with the weights that encoded the codes
+    tokenizer, tok_cfg = load_tokenizer(args.tokenizer, ema=tok_weights == "ema")
     check_matches_tokenizer(header, tok_sha, tok_cfg.vq.num_codes, tok_cfg.grid, args.codes, args.tokenizer)
+    if ckpt and ckpt["meta"]["tokenizer_sha256"] != tok_sha:
+        raise RunError(f"{run_dir} was trained on codes of tokenizer sha256 {ckpt['meta']['tokenizer_sha256']}, "
+                       f"but {args.tokenizer} has sha256 {tok_sha}")
 
-    stored = ckpt["config"]["train"] if ckpt else None
-    cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, stored)
-    # The codebook size, grid and attributes come from the code file, not from the preset.
+    # config: the codebook size, grid and attributes come from the code file, not from the preset
+    cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
+                         fixed=("model.num_codes", "model.grid", "model.num_attrs"))
     cfg.model.num_codes, cfg.model.grid = header.num_codes, tuple(header.grid)
     if cfg.masking.condition == "attrs":
         if not header.attr_names:
@@ -114,11 +133,11 @@ def main() -> None:
         cfg.model.num_attrs = len(header.attr_names)
     elif cfg.masking.condition != "none":
         raise RunError(f"masking.condition must be 'none' or 'attrs', got {cfg.masking.condition!r}")
-    cfg.model = MaskGITConfig.from_dict(to_dict(cfg.model))  # re-validate after the changes
-    if ckpt and ckpt["config"]["tokenizer_sha256"] != tok_sha:
-        raise RunError(f"{run_dir} was trained on codes of tokenizer sha256 {ckpt['config']['tokenizer_sha256']}, "
-                       f"but {args.tokenizer} has sha256 {tok_sha}")
+    cfg.model = from_dict(MaskGITConfig, to_dict(cfg.model))  # re-validate after the changes
+    meta = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha, "tokenizer_weights": tok_weights,
+            "codes": str(args.codes), "attr_names": header.attr_names}
 
+    # model, optimizer, EMA; restored from the checkpoint on --resume
     o = cfg.optim
     accelerator = make_accelerator(o.mixed_precision, o.grad_accum)
     set_seed(o.seed, device_specific=False)
@@ -128,64 +147,41 @@ def main() -> None:
         (decay if prm.dim() >= 2 and "emb" not in name else no_decay).append(prm)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=o.lr, betas=tuple(o.betas))
-    ema = EMA(model, o.ema_decay)
-    step = 0
+    state = TrainState(model, EMA(model, o.ema_decay), opt)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        state.restore(ckpt)
     model, opt = accelerator.prepare(model, opt)
+    ema = state.ema
     ema.model.to(accelerator.device)
     tokenizer.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
-    full_config = {"train": to_dict(cfg), "model": to_dict(cfg.model), "tokenizer": str(args.tokenizer),
-                   "tokenizer_sha256": tok_sha, "codes": str(args.codes), "attr_names": header.attr_names}
     if accelerator.is_main_process:
-        write_json(run_dir / "config.json", full_config)
+        write_json(run_dir / "config.json", to_dict(cfg))
+        write_json(run_dir / "meta.json", meta)
         print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
               f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
 
-    batches = iter(step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum,
+    batches = iter(step_loader(train_set, o.batch_size, o.seed, start_batch=state.step * o.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes))
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
-    stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
-    sums: dict[str, float] = {}
-    t0, seen = time.time(), 0
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=state.step)
+    stop, guard, window = StopSignal(), NonFiniteGuard(o.nan_policy), MetricWindow()
+    sample_attrs = None
+    if cfg.masking.condition == "attrs":  # grids of 16 samples with the attributes of the first 16 validation grids
+        src = val_set or train_set
+        sample_attrs = torch.stack([src[i % len(src)]["attrs"] for i in range(16)])
 
-    def save() -> None:
-        sums = check_replicas(accelerator, raw)  # every process must hold the same weights and codebook
-        if accelerator.is_main_process:
-            write_json(run_dir / "replicas.json", {"step": step, "processes": accelerator.num_processes, "checksums": sums})
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "kind": "maskgit", "config": full_config, "step": step, "model": raw.state_dict(),
-                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state()})
-        accelerator.wait_for_everyone()
-
-    @torch.no_grad()
-    def write_samples() -> None:
-        if not accelerator.is_main_process:
-            return
-        gen = torch.Generator(device=accelerator.device).manual_seed(1234)
-        cond = None
-        if cfg.masking.condition == "attrs":  # 16 samples with the attributes of the first 16 validation grids
-            src = val_set or train_set
-            cond = {"attrs": torch.stack([src[i % len(src)]["attrs"] for i in range(16)]).to(accelerator.device)}
-        tokens = maskgit_decode(ema.model, 16, gen, steps=cfg.masking.sample_steps, schedule=cfg.masking.schedule, cond=cond)
-        images = tokenizer.decode_indices(tokens.view(-1, *header.grid)).clamp(-1, 1)
-        save_image((images + 1) / 2, run_dir / f"samples_{step:07d}.png", nrow=4)
-        save_image((images + 1) / 2, run_dir / "samples_latest.png", nrow=4)
-
-    bar = tqdm(total=o.steps, initial=step, desc="maskgit", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=state.step, desc="maskgit", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
     model.train()
-    while step < o.steps:
+    while state.step < o.steps:
+        step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
         for _ in range(o.grad_accum):
             batch = next(batches)
             tokens = batch["tokens"].to(accelerator.device)
             with accelerator.accumulate(model):
+                # forward / backward / update
                 inputs, mask = mask_tokens(tokens, raw.mask_id, cfg.masking.schedule)
                 with accelerator.autocast():
                     logits = model(inputs, condition_of(batch, cfg, accelerator.device))
@@ -198,37 +194,42 @@ def main() -> None:
                     accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            seen += tokens.shape[0] * accelerator.num_processes
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() / o.grad_accum
-            sums["masked_accuracy"] = sums.get("masked_accuracy", 0.0) + acc.item() / o.grad_accum
+            window.add({"loss": loss.item(), "masked_accuracy": acc.item()},
+                       items=tokens.shape[0] * accelerator.num_processes)
         ema.update(raw)
-        step += 1
+        state.step = step = step + 1
         bar.update(1)
+        # log
         if step % cfg.log.log_every == 0 or step == o.steps:
-            n = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
-            record = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-                      "grids_per_s": seen / (time.time() - t0), "skipped_steps": guard.skipped}
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['masked_accuracy']:.3f}")
+            record = {"step": step, **window.averages("grids_per_s"), "lr": opt.param_groups[0]["lr"],
+                      "skipped_steps": guard.skipped}
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "masked_accuracy") if k in record})
             if accelerator.is_main_process:
                 log.write(record)
-            sums, seen, t0 = {}, 0, time.time()
-        if step % cfg.log.image_every == 0 or step == o.steps:
-            write_samples()
-        if step % cfg.log.ckpt_every == 0 or step == o.steps or stop.requested:
-            save()
-        if stop.requested:
+        # sample grid (the sampling path of sample.py, EMA weights)
+        if (step % cfg.log.image_every == 0 or step == o.steps) and accelerator.is_main_process:
+            images = next(generate(tokenizer, ema.model, 16, 16, seed=1234, attrs=sample_attrs, progress=False,
+                                   **decode_settings(to_dict(cfg))))
+            save_image(images.float() / 255, run_dir / f"samples_{step:07d}.png", nrow=4)
+            save_image(images.float() / 255, run_dir / "samples_latest.png", nrow=4)
+        # checkpoint / stop
+        stopping = stop.agreed(accelerator.device)
+        if step % cfg.log.ckpt_every == 0 or step == o.steps or stopping:
+            state.save(run_dir, accelerator, "maskgit", to_dict(cfg), meta)
+        if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             return
     bar.close()
 
+    # final validation (EMA weights)
     if accelerator.is_main_process:
-        metrics = {"step": step, "weights": "ema"}
+        metrics = {"step": state.step, "weights": "ema"}
         if val_set is not None:
             metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
         write_json(run_dir / "train_metrics.json", metrics)
         val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
-        print(f"maskgit: step {step}{val} -> {run_dir}")
+        print(f"maskgit: step {state.step}{val} -> {run_dir}")
 
 
 if __name__ == "__main__":

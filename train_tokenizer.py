@@ -10,9 +10,7 @@ reconstructions, from a fixed validation batch), codebook_usage.png and val_metr
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -21,20 +19,34 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from core.config import to_dict
+from core.errors import main_guard
+from core.files import write_json
 from data import DataConfig, build_dataset, seed_worker
-from tokenizer import TokenizerConfig, VQModel, preset as tokenizer_preset
+from tokenizer import TokenizerConfig, VQModel
+from tokenizer import preset as tokenizer_preset
 from tokenizer.kmeans import code_histogram, perplexity
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.quantizer import NonFiniteInputError
 from tokenizer.quantizer import kmeans_pending as raw_kmeans_pending
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.config import LogConfig, OptimConfig, to_dict
+from training.config import LogConfig, OptimConfig
 from training.ema import EMA
+from training.lr_schedule import warmup_cosine
 from training.plots import plot_usage
-from training.run import (JsonlLog, NonFiniteGuard, RunError, StopSignal, base_parser, check_replicas, main_guard,
-                          make_accelerator, prepare_run_dir, resolve_config, write_json)
+from training.run import (
+    JsonlLog,
+    MetricWindow,
+    NonFiniteGuard,
+    RunError,
+    StopSignal,
+    TrainState,
+    base_parser,
+    make_accelerator,
+    open_run,
+    parse_run_args,
+    resolve_config,
+)
 from training.sampler import step_loader
-from training.schedule import warmup_cosine
 
 
 @dataclass
@@ -51,12 +63,14 @@ class TrainTokenizerConfig:
 PRESETS = {
     # CPU minutes on the built-in procedural faces (tests, `make demo`).
     "tiny": TrainTokenizerConfig(
-        model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0), data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
+        model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0),
+        data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
         optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
         log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
     # CPU minutes on real faces at 64x64 (checks on the CelebA copy, bench/ablation.py).
     "small": TrainTokenizerConfig(
-        model=tokenizer_preset("small"), loss=LossConfig(vq_weight=5.0), data=DataConfig(resolution=64, cache=True, num_workers=0),
+        model=tokenizer_preset("small"), loss=LossConfig(vq_weight=5.0),
+        data=DataConfig(resolution=64, cache=True, num_workers=0),
         optim=OptimConfig(steps=800, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.99),
         log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
     # One modern GPU, CelebA 64x64, 16x16 tokens.
@@ -89,9 +103,8 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
 
 
 def main() -> None:
-    args = base_parser(__doc__.splitlines()[1], PRESETS, "tiny").parse_args()
-    run_dir = prepare_run_dir(args.run_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt", kind="tokenizer") if args.resume and (run_dir / "checkpoint.pt").exists() else None
+    args = parse_run_args(base_parser(__doc__.splitlines()[1], PRESETS, "tiny"), PRESETS)
+    run_dir, ckpt = open_run(args, "tokenizer")
     cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None)
     if cfg.data.resolution != cfg.model.resolution:
         raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
@@ -105,74 +118,61 @@ def main() -> None:
         write_json(run_dir / "config.json", to_dict(cfg))
         write_json(run_dir / "data.json", {"train": train_set.describe(), "val": val_set.describe()})
 
+    # model, optimizers, EMA; restored from the checkpoint on --resume
     model = VQModel(cfg.model)
     loss_fn = TokenizerLoss(cfg.loss)
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     disc = loss_fn.discriminator
     opt_d = torch.optim.AdamW(disc.parameters(), lr=o.lr, betas=tuple(o.betas)) if disc is not None else None
-    ema = EMA(model, o.ema_decay)
+    state = TrainState(model, EMA(model, o.ema_decay), opt,
+                       extra={"discriminator": disc, "optimizer_d": opt_d} if opt_d is not None else {})
     kmeans_pending = ckpt is None and raw_kmeans_pending(model)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if opt_d is not None:
-            disc.load_state_dict(ckpt["extra"]["discriminator"])
-            opt_d.load_state_dict(ckpt["extra"]["optimizer_d"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        state.restore(ckpt)
     model, opt = accelerator.prepare(model, opt)
     loss_fn.to(accelerator.device)
     if opt_d is not None:  # the discriminator gets its own DDP wrapper and optimizer
         loss_fn.discriminator, opt_d = accelerator.prepare(disc, opt_d)
+    ema = state.ema
     ema.model.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
 
-    loader = step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum, rank=accelerator.process_index,
-                         world=accelerator.num_processes, num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
+    loader = step_loader(train_set, o.batch_size, o.seed, start_batch=state.step * o.grad_accum,
+                         rank=accelerator.process_index, world=accelerator.num_processes,
+                         num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
     fixed = torch.stack([val_set[i]["image"] for i in range(min(8, len(val_set)))]).to(accelerator.device)
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=step)
-    stop, guard = StopSignal(), NonFiniteGuard(o.nan_policy)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=state.step)
+    stop, guard, window = StopSignal(), NonFiniteGuard(o.nan_policy), MetricWindow()
     window_counts = torch.zeros(raw.num_codes, device=accelerator.device)
-    sums: dict[str, float] = {}
-    t0, images_seen = time.time(), 0
-
-    def save() -> None:
-        sums = check_replicas(accelerator, raw)  # every process must hold the same weights and codebook
-        if accelerator.is_main_process:
-            write_json(run_dir / "replicas.json", {"step": step, "processes": accelerator.num_processes, "checksums": sums})
-            extra = {"discriminator": disc.state_dict(), "optimizer_d": opt_d.state_dict()} if opt_d else {}
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "kind": "tokenizer", "config": to_dict(cfg), "step": step, "model": raw.state_dict(),
-                "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(), "extra": extra})
-        accelerator.wait_for_everyone()
 
     def write_images() -> None:
         if accelerator.is_main_process:
             with torch.no_grad():
                 rec = ema.model(fixed)[0].clamp(-1, 1)
             grid = (torch.cat([fixed, rec]) + 1) / 2
-            save_image(grid, run_dir / f"recon_{step:07d}.png", nrow=len(fixed))
+            save_image(grid, run_dir / f"recon_{state.step:07d}.png", nrow=len(fixed))
             save_image(grid, run_dir / "recon_latest.png", nrow=len(fixed))
-            plot_usage(window_counts.cpu(), run_dir / "codebook_usage.png", title=f"codebook usage, steps up to {step}")
+            plot_usage(window_counts.cpu(), run_dir / "codebook_usage.png", title=f"codebook usage, steps up to {state.step}")
 
-    bar = tqdm(total=o.steps, initial=step, desc="tokenizer", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
     batches = iter(loader)
     model.train()
-    while step < o.steps:
+    while state.step < o.steps:
+        step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
         skipped = False
         for _ in range(o.grad_accum):
             x = next(batches)["image"].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
+                # forward / backward / update
                 try:
                     with accelerator.autocast():
                         x_rec, info = model(x)
                         loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer)
                 except NonFiniteInputError:
-                    loss, logs = torch.tensor(float("nan")), {}
+                    loss, logs = torch.tensor(float("nan"), device=accelerator.device), {}
                 if guard.bad(loss.detach()):
                     skipped = True
                     opt.zero_grad(set_to_none=True)
@@ -191,10 +191,8 @@ def main() -> None:
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
             window_counts += code_histogram(info["q"], raw.num_codes)
-            images_seen += x.shape[0] * accelerator.num_processes
-            for k, v in {**logs, "loss": loss.item(), "perplexity": info["perplexity"].item(),
-                         "codes_used": info["codes_used"].item()}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / o.grad_accum
+            window.add({**logs, "loss": loss.item(), "perplexity": info["perplexity"].item(),
+                        "codes_used": info["codes_used"].item()}, items=x.shape[0] * accelerator.num_processes)
         if skipped:
             accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")
         if kmeans_pending and not raw_kmeans_pending(raw):
@@ -202,38 +200,38 @@ def main() -> None:
             kmeans_pending = False
         else:
             ema.update(raw)
-        step += 1
+        state.step = step = step + 1
         bar.update(1)
+        # log
         if step % cfg.log.log_every == 0 or step == o.steps:
-            n = cfg.log.log_every if step % cfg.log.log_every == 0 else step % cfg.log.log_every
-            record = {"step": step, **{k: v / n for k, v in sums.items()}, "lr": opt.param_groups[0]["lr"],
-                      "images_per_s": images_seen / (time.time() - t0), "skipped_steps": guard.skipped,
-                      "window_codes_used": (window_counts > 0).float().mean().item(),
+            record = {"step": step, **window.averages("images_per_s"), "lr": opt.param_groups[0]["lr"],
+                      "skipped_steps": guard.skipped, "window_codes_used": (window_counts > 0).float().mean().item(),
                       "window_perplexity": perplexity(window_counts).item()}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ppl=f"{record['perplexity']:.1f}",
-                            used=f"{record['window_codes_used']:.2f}", img_s=f"{record['images_per_s']:.1f}")
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "perplexity", "window_codes_used") if k in record})
             if accelerator.is_main_process:
                 log.write(record)
-            sums, images_seen, t0 = {}, 0, time.time()
         if step % cfg.log.image_every == 0 or step == o.steps:
             write_images()
             window_counts.zero_()
-        if step % cfg.log.ckpt_every == 0 or step == o.steps or stop.requested:
-            save()
-        if stop.requested:
+        # checkpoint / stop
+        stopping = stop.agreed(accelerator.device)
+        if step % cfg.log.ckpt_every == 0 or step == o.steps or stopping:
+            state.save(run_dir, accelerator, "tokenizer", to_dict(cfg), meta={})
+        if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             return
     bar.close()
 
+    # final validation (EMA weights)
     if accelerator.is_main_process:
         metrics = evaluate(ema.model, val_set, cfg, accelerator.device)
-        metrics.update(step=step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
+        metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
         write_json(run_dir / "val_metrics.json", metrics)
         plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",
                    title="codebook usage over the validation split (EMA weights)")
         skipped = train_set.num_skipped + val_set.num_skipped
-        accelerator.print(f"tokenizer: step {step}, val PSNR {metrics['psnr']:.2f} dB, MSE {metrics['mse']:.5f}, "
+        accelerator.print(f"tokenizer: step {state.step}, val PSNR {metrics['psnr']:.2f} dB, MSE {metrics['mse']:.5f}, "
                           f"perplexity {metrics['perplexity']:.1f}, codes used {metrics['codes_used']:.1%}"
                           + (f", {skipped} unreadable image(s) skipped" if skipped else "") + f" -> {run_dir}")
 

@@ -47,12 +47,12 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-
 from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
+
 from data import DataConfig, build_dataset, to_uint8  # noqa: E402
+from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402
 from tokenizer import VQ_VARIANTS, VQConfig, load_tokenizer  # noqa: E402
 from tokenizer.config import variant_overrides  # noqa: E402
-from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402
 
 LADDER = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
 VQ_KEYS = ("kmeans_init", "norm", "cb_norm", "replace_freq", "affine_lr", "inplace_lr", "inplace_momentum", "sync_nu", "beta")

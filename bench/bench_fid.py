@@ -37,10 +37,10 @@ for _path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().pare
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch_fidelity  # noqa: E402
+from bench_loader import DEFAULT_DATA, resolve_image_folder, write_json  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch_fidelity.metric_fid import fid_statistics_to_metric  # noqa: E402
 
-from bench_loader import DEFAULT_DATA, resolve_image_folder, write_json  # noqa: E402
 from data.images import find_images, load_rgb  # noqa: E402
 from data.transforms import preprocess_uint8  # noqa: E402
 from eval.images import open_folder  # noqa: E402
@@ -131,7 +131,8 @@ def main() -> None:
         row["images_per_s"] = row["images"] / row["seconds"]
     result = {
         "rows": rows, "frechet_seconds": {"ours (svd)": ours_fid_s, "torch-fidelity (eigvals)": tf_fid_s},
-        "setup": {"data": str(folder), "n": args.n, "resolution": args.resolution, "crop": args.crop, "batch_size": args.batch_size,
+        "setup": {"data": str(folder), "n": args.n, "resolution": args.resolution, "crop": args.crop,
+                  "batch_size": args.batch_size,
                   "device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "load_avg": os.getloadavg(), "torch": torch.__version__,
                   "torch_fidelity": torch_fidelity.__version__, "weights": extractor.describe(),

@@ -21,14 +21,15 @@ The "loader only" column is the loader's own rate with no training (how much hea
 "load time / step" is that loader's time per batch over a memory step, the overhead to expect when
 loading is serial (workers=0). On a machine whose load swings, it is the steadier of the two numbers.
 
-Data: ``--data`` is a folder of images, or a folder holding the shared tarball(s)
-(``../shared/data/celeba_align_89x109``, the default), which are extracted once into
+Data: ``--data`` (default: ``$BENCH_DATA``) is a folder of images, or a folder holding CelebA
+tarball(s) (e.g. the 89x109 half-size copy ``celeba_align_89x109``), which are extracted once into
 ``runs/cache/<folder name>``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -50,7 +51,7 @@ from tokenizer.losses import LossConfig, TokenizerLoss  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.sampler import StepSampler  # noqa: E402
 
-DEFAULT_DATA = "../shared/data/celeba_align_89x109"
+DEFAULT_DATA = os.environ.get("BENCH_DATA", "")  # the benchmarks' image folder: --data, else $BENCH_DATA
 TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
@@ -60,12 +61,13 @@ def resolve_image_folder(path: str, cache_root: str | Path = "runs/cache") -> Pa
     ``path`` may be an image folder, a tarball, or a folder of tarballs (the shared data's layout).
     Relative paths are tried from the current directory, then from the repository root.
     """
+    if not path:
+        raise SystemExit("data: give --data (an image folder or a folder of CelebA tarballs) or set $BENCH_DATA")
     p = Path(path)
     if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
         p = ROOT / p
     if not p.exists():
-        raise SystemExit(f"data: {path} does not exist (give an image folder, or the folder of the shared "
-                         f"CelebA tarball, e.g. {DEFAULT_DATA})")
+        raise SystemExit(f"data: {path} does not exist (give an image folder, or a folder of CelebA tarballs)")
     if p.is_file():
         tarballs = [p] if p.name.endswith(TARBALL_SUFFIXES) else []
     else:

@@ -17,11 +17,12 @@ import statistics
 import time
 
 import torch
-
 from bench_loader import write_json
 from bench_train import MaskGITTrainer  # the MaskGIT training step, shared with bench_train.py
+
 from data import DataConfig, build_dataset
-from tokenizer import VQModel, preset as tokenizer_preset
+from tokenizer import VQModel
+from tokenizer import preset as tokenizer_preset
 from transformer import build_maskgit, maskgit_decode, sequential_decode
 
 
@@ -132,7 +133,8 @@ def main() -> None:
               f"{s['sequential']:.2f} | {s['speedup_T8_vs_sequential']:.1f}x | {s['speedup_T12_vs_sequential']:.1f}x |")
     flops = {c: flops_per_image(*parse_config(c)) for c in dict.fromkeys([*configs, "celeba64:celeba64"])}
     print("\nFLOPs per image (torch.utils.flop_counter): what encoding on the fly adds to a MaskGIT step")
-    print("| tokenizer:MaskGIT | encoder forward GFLOP | MaskGIT train step GFLOP | expected codes / on the fly |\n|---|---|---|---|")
+    print("| tokenizer:MaskGIT | encoder forward GFLOP | MaskGIT train step GFLOP | expected codes / on the fly |")
+    print("|---|---|---|---|")
     for c, f in flops.items():
         print(f"| {c} | {f['encoder_forward_gflop']:.3f} | {f['maskgit_train_step_gflop']:.3f} | {f['expected_ratio']:.2f}x |")
     write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(), "results": results,

@@ -32,9 +32,9 @@ for path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
+from bench_loader import Trainer, write_json  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bench_loader import Trainer, write_json  # noqa: E402
 from tokenizer import preset as tokenizer_preset  # noqa: E402
 from transformer import build_maskgit, mask_tokens, masked_ce_loss  # noqa: E402
 

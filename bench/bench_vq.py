@@ -231,9 +231,10 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from importlib.metadata import version
+
     import torch
     import vector_quantize_pytorch  # noqa: F401  (fail here, not in every worker, if it is missing)
-    from importlib.metadata import version
 
     cases = FULL if a.full else QUICK
     if a.sizes:

@@ -50,9 +50,9 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
 from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402
 
 RUNGS = ["baseline", "l2_replace", "affine", "opt", "opt_affine", "all"]

@@ -1,25 +1,16 @@
 """Data: CelebA / image folders / procedural faces -> dicts of [-1, 1] image tensors and 0/1 attributes.
 
-Scripts use ``DataConfig``, ``build_dataset`` and ``build_loader``; the rest is exported for tests,
+Scripts use ``DataConfig`` and ``build_dataset``; the rest is exported for tests,
 tools and other packages (``to_uint8`` for FID, ``describe()`` for the run directory).
 """
-from .celeba import FileIndex, index_files, locate_celeba, read_attributes, read_partition
-from .dataset import (
-    DataConfig,
-    FileImages,
-    ImageDataset,
-    SkippedFile,
-    build_dataset,
-    build_loader,
-    seed_worker,
-)
-from .images import IMAGE_EXTENSIONS, BadImageError, DataError, find_images, load_rgb, to_rgb
-from .procedural import ATTRIBUTE_NAMES as PROCEDURAL_ATTRIBUTES
-from .procedural import ProceduralFaces, render_face, sample_params
-from .splits import describe_seeded, index_range_split, normalize_split, num_val, seeded_split
-from .transforms import (
+from data.celeba import FileIndex, index_files, locate_celeba, read_attributes, read_partition
+from data.dataset import DataConfig, FileImages, ImageDataset, SkippedFile, build_dataset, seed_worker
+from data.images import IMAGE_EXTENSIONS, BadImageError, DataError, find_images, load_rgb, to_rgb
+from data.procedural import ATTRIBUTE_NAMES as PROCEDURAL_ATTRIBUTES
+from data.procedural import ProceduralFaces, render_face, sample_params
+from data.splits import describe_seeded, index_range_split, normalize_split, num_val, seeded_split
+from data.transforms import (
     REFERENCE_WIDTH,
-    CelebATransform,
     crop_box,
     crop_side,
     hflip,
@@ -30,7 +21,6 @@ from .transforms import (
 
 __all__ = [
     "BadImageError",
-    "CelebATransform",
     "DataConfig",
     "DataError",
     "FileImages",
@@ -42,7 +32,6 @@ __all__ = [
     "REFERENCE_WIDTH",
     "SkippedFile",
     "build_dataset",
-    "build_loader",
     "crop_box",
     "crop_side",
     "describe_seeded",

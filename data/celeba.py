@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .images import DataError, find_images
-from .splits import describe_seeded, list_sha256, normalize_split, seeded_split
+from data.images import DataError, find_images
+from data.splits import describe_seeded, list_sha256, normalize_split, seeded_split
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,10 @@ class FileIndex:
 
 def locate_celeba(root: Path) -> tuple[Path, Path] | None:
     """(images folder, annotations folder) when ``root`` is in the CelebA layout, else None."""
-    for images, annotations in ((root / "celeba" / IMAGES_DIRNAME, root / "celeba"),
-                                (root / IMAGES_DIRNAME, root)):
+    for images, annotation_dir in ((root / "celeba" / IMAGES_DIRNAME, root / "celeba"),
+                                   (root / IMAGES_DIRNAME, root)):
         if images.is_dir():
-            return images, annotations
+            return images, annotation_dir
     if root.name == IMAGES_DIRNAME and root.is_dir():
         return root, root.parent
     return None

@@ -1,4 +1,4 @@
-"""The one entry point for scripts: ``DataConfig`` -> ``build_dataset`` -> ``build_loader``.
+"""The one entry point for scripts: ``DataConfig`` -> ``build_dataset`` (loaders: ``training.sampler``).
 
 Items are dicts::
 
@@ -28,13 +28,14 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .celeba import FileIndex, index_files
-from .images import BadImageError, DataError, image_size, load_rgb
-from .procedural import ProceduralFaces
-from .splits import check_val_fraction, index_range_split, normalize_split
-from .transforms import REFERENCE_WIDTH, crop_box, crop_side, hflip, needs_upsampling, preprocess_uint8, to_float
+from core.config import require
+from data.celeba import FileIndex, index_files
+from data.images import BadImageError, DataError, image_size, load_rgb
+from data.procedural import ProceduralFaces
+from data.splits import check_val_fraction, index_range_split, normalize_split
+from data.transforms import REFERENCE_WIDTH, crop_box, crop_side, hflip, needs_upsampling, preprocess_uint8, to_float
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +55,19 @@ class DataConfig:
     split_seed: int = 0          # seed of that split; for "procedural" also the seed of the faces
     num_images: int = 10000      # procedural only
     cache: bool = False          # decode once at construction, keep uint8 tensors in memory
-    num_workers: int = 2         # default for build_loader
+    num_workers: int = 2         # DataLoader workers of the training loop
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, key: str, expected: str) -> None:
-            if not ok:
-                raise ValueError(f"DataConfig.{key}: expected {expected}, got {getattr(self, key)!r}")
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(isinstance(self.source, (str, Path)) and str(self.source).strip() != "", "source",
-             "'procedural' or a path to a CelebA root or image folder")
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
         self.source = str(self.source)
-        need(is_int(self.resolution) and self.resolution > 0, "resolution", "a positive integer")
-        need(self.crop is None or (is_int(self.crop) and self.crop >= 0), "crop",
-             "an integer >= 0 (pixels in the 178-wide frame; 0 or None for no crop)")
-        need(isinstance(self.flip, bool), "flip", "true or false")
-        need(not isinstance(self.val_fraction, bool) and isinstance(self.val_fraction, (int, float))
-             and 0.0 < self.val_fraction < 1.0, "val_fraction", "a number strictly between 0 and 1")
-        need(is_int(self.split_seed) and self.split_seed >= 0, "split_seed", "an integer >= 0")
-        need(is_int(self.num_images) and self.num_images >= 2, "num_images", "an integer >= 2")
-        need(isinstance(self.cache, bool), "cache", "true or false")
-        need(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an integer >= 0")
+        require(self.source.strip() != "", "data.source: expected 'procedural' or a path to a CelebA root or image folder")
+        require(self.resolution > 0, f"data.resolution: expected a positive integer, got {self.resolution}")
+        require(self.crop is None or self.crop >= 0,
+                f"data.crop: expected an integer >= 0 (pixels in the 178-wide frame; 0 or None for no crop), got {self.crop}")
+        require(0.0 < self.val_fraction < 1.0,
+                f"data.val_fraction: expected a number strictly between 0 and 1, got {self.val_fraction}")
+        require(self.split_seed >= 0, f"data.split_seed: expected an integer >= 0, got {self.split_seed}")
+        require(self.num_images >= 2, f"data.num_images: expected an integer >= 2, got {self.num_images}")
+        require(self.num_workers >= 0, f"data.num_workers: expected an integer >= 0, got {self.num_workers}")
 
 
 class SkippedFile(NamedTuple):
@@ -200,7 +191,11 @@ class ImageDataset(Dataset):
             j = next((i + k) % n for k in range(1, n) if (i + k) % n not in self._bad)
             self._alias[i] = j
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``dataset[i]``, or ``dataset[(i, draw)]`` as ``training.sampler.StepSampler`` asks: the flip
+        is then a function of (draw, i) only (draw = seed + epoch), so it does not depend on which
+        loader worker or which resumed process reads the item. A plain index uses draw 0."""
+        i, draw = key if isinstance(key, tuple) else (key, 0)
         i = int(i)  # samplers may hand out numpy / torch integers
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of {len(self)}")
@@ -210,7 +205,7 @@ class ImageDataset(Dataset):
         else:
             j, x = self._load_or_substitute(i)
         image = to_float(x)  # (3, R, R) in [-1, 1]
-        if self.flip and torch.rand(()).item() < 0.5:
+        if self.flip and flip_coin(draw, i):
             image = hflip(image)
         return {"image": image, "attrs": self.source.attrs(j), "index": j}
 
@@ -266,39 +261,13 @@ def build_dataset(cfg: DataConfig, split: str, train: bool | None = None) -> Ima
     return dataset
 
 
+def flip_coin(draw: int, index: int) -> bool:
+    """A fair coin that is a pure function of (draw, index): the same in every process and worker."""
+    return random.Random(f"flip:{draw}:{index}").random() < 0.5
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy and ``random`` from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32  # DataLoader sets this to base_seed + worker_id
     np.random.seed(seed)
     random.seed(seed)
-
-
-def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
-                 num_workers: int | None = None) -> DataLoader:
-    """A plain torch DataLoader (no Accelerate): seeded shuffling and worker seeds, persistent workers.
-
-    ``num_workers=None`` uses the ``DataConfig.num_workers`` the dataset was built with (else 0).
-    ``pin_memory`` only when CUDA is available.
-    """
-    if num_workers is None:
-        num_workers = getattr(dataset, "default_num_workers", 0)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"build_loader: batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"build_loader: num_workers must be an integer >= 0, got {num_workers!r}")
-    if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"build_loader: drop_last with batch_size {batch_size} > dataset size "
-                         f"{len(dataset)} would give no batches at all")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-        generator=generator,
-    )

@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.errors import UserError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 # macOS archive debris, never images (AppleDouble "._x.jpg" files are caught by the dot rule).
 _IGNORED_DIRS = frozenset({"__MACOSX"})
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The dataset as a whole cannot be used; the one-line message says which path and why."""
 
 

@@ -18,6 +18,8 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+from data.images import DataError
+
 SPLITS = ("train", "val", "test", "all")
 _ALIASES = {"valid": "val", "validation": "val"}
 
@@ -25,18 +27,18 @@ _ALIASES = {"valid": "val", "validation": "val"}
 def normalize_split(split: str) -> str:
     """'train' | 'val' (alias 'valid', 'validation') | 'test' | 'all'; anything else is a ValueError."""
     if not isinstance(split, str):
-        raise ValueError(f"split must be a string, one of {SPLITS}, got {split!r}")
+        raise DataError(f"split must be a string, one of {SPLITS}, got {split!r}")
     name = _ALIASES.get(split.lower(), split.lower())
     if name not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {SPLITS} (or alias 'valid')")
+        raise DataError(f"unknown split {split!r}: expected one of {SPLITS} (or alias 'valid')")
     return name
 
 
 def check_val_fraction(val_fraction: float) -> float:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-        raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+        raise DataError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
     if not 0.0 < float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1) exclusive, got {val_fraction}")
+        raise DataError(f"val_fraction must be in (0, 1) exclusive, got {val_fraction}")
     return float(val_fraction)
 
 
@@ -44,7 +46,7 @@ def num_val(n: int, val_fraction: float) -> int:
     """Validation size for ``n`` items: round half up, then at least 1 and at most n - 1 (n >= 2)."""
     check_val_fraction(val_fraction)
     if n < 2:
-        raise ValueError(f"cannot split {n} item(s) into non-empty train and validation sets")
+        raise DataError(f"cannot split {n} item(s) into non-empty train and validation sets")
     # n * f can land a hair below an integer (0.29 * 100 = 28.999...); the rounding absorbs it.
     k = int(math.floor(n * val_fraction + 0.5))
     return min(max(k, 1), n - 1)
@@ -66,7 +68,7 @@ def seeded_split(keys: Sequence[str], val_fraction: float, seed: int) -> tuple[l
     Keys must be unique (relative paths). Deterministic in (keys, val_fraction, seed) only.
     """
     if len(set(keys)) != len(keys):
-        raise ValueError("split keys must be unique")
+        raise DataError("split keys must be unique")
     k = num_val(len(keys), val_fraction)
     order = sorted(range(len(keys)), key=lambda i: _rank_key(seed, keys[i]))
     val = sorted(order[:k])

@@ -1,6 +1,6 @@
 """CelebA-style preprocessing: center crop, antialiased resize, [-1, 1] tensors, optional flip.
 
-The standard CelebA-64 recipe (METHOD.md section 6) works on the official 178x218 aligned images:
+The standard CelebA-64 recipe (docs/method.md section 6) works on the official 178x218 aligned images:
 center crop 140x140, resize to 64x64 with antialiasing. ``crop`` is given in that 178-wide reference
 frame and scales with the image, so the same setting works on the shared half-size copy:
 
@@ -10,7 +10,7 @@ frame and scales with the image, so the same setting works on the shared half-si
 
 Rounding: the side rounds half up (``floor(x + 0.5)``, not Python's round-half-to-even), and the
 offsets round *down*, so a crop that cannot be exactly centred leans towards the top-left. This
-gives the box (9, 19, 79, 89) on 89x109 stated in METHOD.md; torchvision's ``center_crop`` would
+gives the box (9, 19, 79, 89) on 89x109 stated in docs/method.md section 6; torchvision's ``center_crop`` would
 round 9.5 / 19.5 up to (10, 20). A crop larger than the image's shorter side is clamped to it.
 
 ``crop=0`` or ``None``: no face crop; the largest centred square is taken (offsets again rounded
@@ -88,30 +88,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror left-right: (..., H, W) -> (..., H, W)."""
     return TF.horizontal_flip(x)
-
-
-class CelebATransform:
-    """Callable ``PIL.Image -> FloatTensor (3, R, R)`` in [-1, 1], for use outside ``ImageDataset``.
-
-    With ``flip=True`` each call mirrors the image with probability 1/2, drawn from ``generator``
-    (or torch's global RNG, which DataLoader seeds per worker). Use it for training only.
-    """
-
-    def __init__(self, resolution: int = 64, crop: int | None = 140, flip: bool = False,
-                 generator: torch.Generator | None = None) -> None:
-        if resolution <= 0:
-            raise ValueError(f"resolution must be a positive integer, got {resolution}")
-        crop_side(REFERENCE_WIDTH, REFERENCE_WIDTH, crop)  # validates crop
-        self.resolution = resolution
-        self.crop = crop
-        self.flip = flip
-        self.generator = generator
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = to_float(preprocess_uint8(img, self.resolution, self.crop))
-        if self.flip and torch.rand((), generator=self.generator).item() < 0.5:
-            x = hflip(x)
-        return x
-
-    def __repr__(self) -> str:
-        return f"CelebATransform(resolution={self.resolution}, crop={self.crop}, flip={self.flip})"

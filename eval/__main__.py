@@ -14,21 +14,31 @@ Errors in the inputs print one line ``error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+from core.errors import guarded
 from eval.errors import EvalError
 from eval.images import open_images
 from eval.inception import InceptionExtractor, WeightsInfo, find_weights, verify_weights
-from eval.reference import (KEEP_FEATURES, compute_reference, dataset_batches, dataset_protocol, folder_protocol,
-                            load_reference, save_reference)
-from eval.report import summary_line, write_report
+from eval.reference import (
+    KEEP_FEATURES,
+    compute_reference,
+    dataset_batches,
+    dataset_protocol,
+    folder_protocol,
+    load_reference,
+    save_reference,
+)
+from eval.results import summary_line, write_report
 from eval.score import METRICS, score_images, score_reconstructions
 from eval.stats import KID_DEFAULTS
 from eval.swd import SWDConfig
+from transformer.pipeline import SAMPLES_RECORD, add_decode_flags, generate, load_models, parse_attrs, settings_from_args
 
 
 # ----------------------------------------------------------------------------------------------- flags
@@ -131,6 +141,18 @@ def _swd_reference_batches(args, reference, resolution: int):
     return dataset_batches(cfg, p["split"], args.batch_size)[0]
 
 
+def _samples_record(folder: str, count: int) -> dict | None:
+    """sample.py's record of what made the images in ``folder`` (None if absent); its count must match."""
+    path = Path(folder) / SAMPLES_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("count") != count:
+        raise EvalError(f"{folder} holds {count} images but {path} records {record.get('count')} samples: "
+                        f"leftovers from another run? Re-sample into an empty folder")
+    return record
+
+
 def _finish(args, name: str, result) -> int:
     json_path, md_path = write_report(args.run_dir, args.name or name, result)
     print(summary_line(result))
@@ -177,6 +199,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise EvalError("score: FID/KID need --ref (reference statistics); use --metrics swd with --ref-images")
     resolution = reference.resolution if reference is not None else None
     images = open_images(args.input, resolution)
+    sampled = _samples_record(args.input, images.count)
     swd_batches = _swd_reference_batches(args, reference, images.height)
     metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
                        swd_available=swd_batches is not None)
@@ -184,7 +207,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                           swd_reference=swd_batches, swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=images.count,
                           progress=True, protocol={"input": images.describe(), "reference_file": args.ref,
-                                                   "reference_images": args.ref_images, "command": sys.argv})
+                                                   "reference_images": args.ref_images, "sampled": sampled,
+                                                   "command": sys.argv})
     return _finish(args, f"score_{Path(args.input).stem}", result)
 
 
@@ -193,17 +217,16 @@ def cmd_gen(args: argparse.Namespace) -> int:
         raise EvalError("gen: --ref (reference statistics) is required, except for --metrics swd with --ref-images")
     extractor = _extractor(args) if _needs_inception(args) else None
     reference = load_reference(args.ref) if args.ref else None
-    from sample import generate, load_models
-
-    tokenizer, model, _ = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
-    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, steps=args.steps,
-                       cfg_scale=args.cfg_scale, progress=False)
+    tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
+    settings = settings_from_args(args, meta)
+    attrs = parse_attrs(args.attrs, meta, model)
+    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, attrs=attrs,
+                       progress=False, **settings)
     resolution = reference.resolution if reference else tokenizer.cfg.resolution
     swd_batches = _swd_reference_batches(args, reference, resolution)
     metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
                        swd_available=swd_batches is not None)
-    sampling = {"n": args.n, "seed": args.seed, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                "batch_size": args.gen_batch_size}
+    sampling = {"n": args.n, "seed": args.seed, "batch_size": args.gen_batch_size, "attrs": args.attrs, **settings}
     result = score_images(batches, reference, extractor, metrics=metrics, swd_reference=swd_batches,
                           swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=args.n, progress=True,
@@ -273,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maskgit", required=True)
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="guidance weight w (conditional models only)")
+    add_decode_flags(p)
     p.add_argument("--gen-batch-size", type=int, default=100)
     p.add_argument("--ref", help="reference statistics .npz (required unless --metrics swd with --ref-images)")
     p.add_argument("--ref-images", help="reference images (folder / .npz) for SWD")
@@ -299,14 +321,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.images import DataError
-
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (EvalError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: _check_outputs(args) or args.func(args))
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the results go is checked first, not after minutes of computing."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise EvalError(f"--run-dir {run_dir} exists and is not a directory")
+    if getattr(args, "n", 1) < 1:
+        raise EvalError(f"--n must be >= 1, got {args.n}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ traceback. Anything else escaping the CLI is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+from core.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError):
     """Base class: bad input, bad configuration or missing files for an evaluation."""
 
 

@@ -1,11 +1,12 @@
 """Images in, uint8 NCHW batches out: the one [-1, 1] -> uint8 conversion, image folders and .npz files.
 
 Every image that reaches the Inception network or SWD (references, generated samples, reconstructions)
-is a ``uint8`` tensor ``(B, 3, H, W)``. Float images in [-1, 1] are converted by ``to_uint8``, the
-data package's conversion behind input checks, so references and samples are quantized identically. Files are decoded with the data
-package's ``load_rgb`` (the loader the reference images went through: EXIF orientation applied, alpha
-composited on white, grey and palette images expanded to RGB); nothing is ever resized here: an image
-whose size differs from the expected resolution is an error, because a silent resize would change FID.
+is a ``uint8`` tensor ``(B, 3, H, W)``. Float images in [-1, 1] are converted by ``checked_uint8``: the
+data package's conversion behind input checks, so references and samples are quantized identically.
+Files are decoded with the data package's ``load_rgb`` (the loader the reference images went through:
+EXIF orientation applied, alpha composited on white, grey and palette images expanded to RGB); nothing
+is ever resized here: an image whose size differs from the expected resolution is an error, because a
+silent resize would change FID.
 """
 from __future__ import annotations
 
@@ -19,28 +20,27 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.transforms import to_float
-from data.transforms import to_uint8 as data_to_uint8
+from data.transforms import to_float, to_uint8
 from eval.errors import ImageInputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEY = "images"  # preferred array name inside an .npz; a file holding a single array also works
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
+def checked_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 [0, 255] by ``data.to_uint8`` (``round((x + 1) * 127.5)``,
     clamped), after checking what scoring must not accept silently. Any shape."""
     if not torch.is_floating_point(x):
-        raise ImageInputError(f"to_uint8 expects float images in [-1, 1], got dtype {x.dtype}")
+        raise ImageInputError(f"checked_uint8 expects float images in [-1, 1], got dtype {x.dtype}")
     if not torch.isfinite(x).all():  # NaN would silently become 0 (black) after the cast
         raise ImageInputError("images contain NaN or inf values (a diverged model?)")
-    return data_to_uint8(x)
+    return to_uint8(x)
 
 
-def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1] by ``data.to_float``, the exact inverse of ``to_uint8`` on the uint8 grid."""
+def checked_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] by ``data.to_float``, the exact inverse of ``checked_uint8`` on the uint8 grid."""
     if x.dtype != torch.uint8:
-        raise ImageInputError(f"from_uint8 expects uint8 images, got dtype {x.dtype}")
+        raise ImageInputError(f"checked_float expects uint8 images, got dtype {x.dtype}")
     return to_float(x)
 
 
@@ -48,7 +48,7 @@ def as_uint8_nchw(x: torch.Tensor | np.ndarray, what: str = "images") -> torch.T
     """Check and return a uint8 batch as a contiguous ``(B, 3, H, W)`` tensor; NHWC is transposed.
 
     Float batches are refused rather than guessed at (``[0, 1]`` and ``[-1, 1]`` both exist): convert
-    them with ``to_uint8`` first.
+    them with ``checked_uint8`` first.
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -56,7 +56,7 @@ def as_uint8_nchw(x: torch.Tensor | np.ndarray, what: str = "images") -> torch.T
         raise ImageInputError(f"{what}: expected a uint8 tensor or array, got {type(x).__name__}")
     if x.dtype != torch.uint8:
         raise ImageInputError(f"{what}: expected dtype uint8, got {x.dtype} "
-                              f"(convert [-1, 1] floats with eval.images.to_uint8)")
+                              f"(convert [-1, 1] floats with eval.images.checked_uint8)")
     if x.dim() != 4:
         raise ImageInputError(f"{what}: expected 4 dims (B, 3, H, W) or (B, H, W, 3), got shape {tuple(x.shape)}")
     if x.shape[1] == 3:

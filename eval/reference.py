@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.files import write_text
 from eval.errors import EvalError, ReferenceMismatchError
-from eval.images import ImageSet, as_uint8_nchw, to_uint8, with_progress
+from eval.images import ImageSet, as_uint8_nchw, checked_uint8, with_progress
 from eval.inception import FEATURE_DIM, InceptionExtractor
 from eval.stats import FeatureStats
-from training.run import write_text
 
 FORMAT = "straight-maskgit reference statistics v1"
 PROTOCOL_FIELDS = ("source", "split", "resolution", "crop", "val_fraction", "split_seed", "num_images",
@@ -75,7 +75,7 @@ def dataset_batches(cfg, split: str, batch_size: int,
     """Batches of a split of the project's dataset (no flip), its length and ``describe()``.
 
     The dataset comes from the ``data`` package: ``build_dataset(cfg, split, train=False)`` yields
-    ``{"image": (3, H, W) float in [-1, 1], ...}``; images are converted by ``to_uint8`` only.
+    ``{"image": (3, H, W) float in [-1, 1], ...}``; images are converted by ``checked_uint8`` only.
     ``uint8=False`` keeps the float images (a tokenizer's input for reconstruction FID).
     """
     from data import build_dataset  # imported here: only needed when a dataset is the source
@@ -83,7 +83,7 @@ def dataset_batches(cfg, split: str, batch_size: int,
     dataset = build_dataset(cfg, split=split, train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=getattr(cfg, "num_workers", 0))
-    batches = (to_uint8(batch["image"]) if uint8 else batch["image"] for batch in loader)
+    batches = (checked_uint8(batch["image"]) if uint8 else batch["image"] for batch in loader)
     describe = dataset.describe() if hasattr(dataset, "describe") else {}
     return batches, len(dataset), describe
 

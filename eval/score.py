@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from eval.errors import EvalError, ImageInputError
-from eval.images import as_uint8_nchw, from_uint8, to_uint8, with_progress
+from eval.images import as_uint8_nchw, checked_float, checked_uint8, with_progress
 from eval.inception import FEATURE_DIM, InceptionExtractor, metric_name
 from eval.reference import KEEP_FEATURES, ReferenceStats, check_protocol
 from eval.stats import KID_DEFAULTS, FeatureStats, frechet_distance, kernel_inception_distance, warn_if_few
@@ -162,8 +162,8 @@ def score_reconstructions(batches: Iterable[torch.Tensor],
 
     ``batches``: the validation images, uint8 (B, 3, R, R) or float in [-1, 1]. ``reconstruct``
     receives float32 images in [-1, 1] (what a tokenizer consumes; uint8 input is mapped by
-    ``from_uint8``) and returns float in [-1, 1] or uint8. Originals and reconstructions are both
-    quantized by ``to_uint8``, both go through the same extractor in the same pass, so an identity
+    ``checked_float``) and returns float in [-1, 1] or uint8. Originals and reconstructions are both
+    quantized by ``checked_uint8``, both go through the same extractor in the same pass, so an identity
     ``reconstruct`` gives 0 up to rounding.
     """
     metrics = _check_metrics(metrics, extractor)
@@ -175,13 +175,13 @@ def score_reconstructions(batches: Iterable[torch.Tensor],
     count = 0
     for batch in with_progress(batches, total, "reconstructing", progress):
         if torch.is_floating_point(batch):
-            images, model_input = to_uint8(batch), batch.float()
+            images, model_input = checked_uint8(batch), batch.float()
         else:
             images = as_uint8_nchw(batch, "validation images")
-            model_input = from_uint8(images)
+            model_input = checked_float(images)
         with torch.no_grad():
             out = reconstruct(model_input)
-        out = to_uint8(out) if torch.is_floating_point(out) else as_uint8_nchw(out, "reconstructions")
+        out = checked_uint8(out) if torch.is_floating_point(out) else as_uint8_nchw(out, "reconstructions")
         out = out.cpu()
         if out.shape != images.shape:
             raise ImageInputError(f"reconstruct changed the shape {tuple(images.shape)} -> {tuple(out.shape)}")

@@ -31,12 +31,38 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
-    """Paths of a 2-step tokenizer, its code files and a 3-step MaskGIT (attribute-conditional)."""
+    """Paths of a 2-step tokenizer, its code files and a 3-step MaskGIT (attribute-conditional, trained with
+    the arccos schedule and 5 sample steps, so a sampler that ignores the stored settings shows)."""
     root = tmp_path_factory.mktemp("tiny_runs")
     tok, codes, mg = root / "tok", root / "codes", root / "mg"
     run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", tok, "optim.steps=2", *TINY_DATA)
     run_script(ROOT / "pretokenize.py", "--tokenizer", tok / "checkpoint.pt", "--out", codes, "--batch-size", "16")
     run_script(ROOT / "train_maskgit.py", "--preset", "tiny", "--run-dir", mg, "--codes", codes,
                "--tokenizer", tok / "checkpoint.pt", "optim.steps=3", "optim.batch_size=8", "log.log_every=1",
-               "masking.condition=attrs", "model.dim=32", "model.depth=1", "model.heads=2")
+               "masking.condition=attrs", "masking.schedule=arccos", "masking.sample_steps=5", "model.dim=32",
+               "model.depth=1", "model.heads=2")
     return {"tokenizer": tok / "checkpoint.pt", "tok_dir": tok, "codes": codes, "maskgit": mg / "checkpoint.pt", "mg_dir": mg}
+
+
+@pytest.fixture
+def entry(monkeypatch, capsys):
+    """entry(script, *argv) -> (exit status, stderr) of ``python script.py argv``, run in-process under the
+    guard the script runs under (``core.errors.guarded``); ``entry("eval", ...)`` is ``python -m eval``.
+    Signal handlers a training script installs are restored afterwards."""
+    import importlib
+    import signal
+
+    from core.errors import guarded
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def run(script, *argv):
+        if script == "eval":
+            code = importlib.import_module("eval.__main__").main([str(a) for a in argv])
+        else:
+            monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, argv)])
+            code = guarded(importlib.import_module(script).main)
+        return code, capsys.readouterr().err
+    yield run
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -7,9 +7,8 @@ the shared CelebA copy.
 import json
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT, run_script
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,8 @@ def test_stage_two_bench(tmp_path):
                "--out", out)
     (r,) = json.loads(out.read_text())["results"]
     assert r["tokens_per_image"] == 64 and r["maskgit_preset"] == "tiny"
-    assert r["train_steps_per_s"]["ratio"] > 0
+    t = r["train_steps_per_s"]  # the ratio is the two measured rates' (no speed is asserted: the machine is shared)
+    assert t["ratio"] == pytest.approx(t["from_codes"] / t["encode_on_the_fly"])
     assert set(r["sampling_images_per_s"]) >= {"maskgit_T8", "maskgit_T12", "sequential", "speedup_T8_vs_sequential"}
 
 
@@ -52,7 +52,7 @@ def test_fid_bench_random_weights(face_folder, tmp_path):
     result = json.loads(out.read_text())
     assert result["setup"]["n"] == 4
     assert result["setup"]["weights"]["standard_weights"] is False  # random weights: a speed number, never a FID
-    assert all(row["images_per_s"] > 0 for row in result["rows"].values())
+    assert all(row["images_per_s"] == pytest.approx(row["images"] / row["seconds"]) for row in result["rows"].values())
 
 
 def test_ablation_two_variants(face_folder, tmp_path):

@@ -16,7 +16,7 @@ K, GRID, N = 16, (4, 4), 16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SPEC_GAMMA = {  # METHOD.md sec. 5, written independently of transformer/schedule.py
+SPEC_GAMMA = {  # docs/method.md section 5, written independently of transformer/schedule.py
     "cosine": lambda r: math.cos(math.pi / 2 * r),
     "linear": lambda r: 1 - r,
     "square": lambda r: 1 - r**2,
@@ -48,7 +48,7 @@ def count_calls(model: nn.Module) -> list[int]:
 
 
 def expected_fixed(n_gen: int, steps: int, name: str) -> list[int]:
-    """Tokens fixed per step by the METHOD.md rule: keep floor(gamma((t+1)/T) n_gen) masked,
+    """Tokens fixed per step by the rule of docs/method.md section 5: keep floor(gamma((t+1)/T) n_gen) masked,
     clipped to [1, masked - 1] before the last step (never below 0), 0 after the last."""
     masked, out = n_gen, []
     for t in range(steps):
@@ -163,7 +163,7 @@ class OneUnsurePosition(nn.Module):
 def test_choice_noise_is_annealed_as_in_maskgit():
     """With T = 2 and tau_0 = 4.5, step 0 fixes 5 of 16 tokens (cosine) by confidence + tau_t Gumbel
     with tau_t = 4.5 (1 - 1/2) = 2.25. The unsure position 0 is among them with a probability
-    that depends on tau_t; compare with a direct simulation of METHOD.md's rule."""
+    that depends on tau_t; compare with a direct simulation of the rule in docs/method.md section 5."""
 
     def spec_probability(tau: float, draws: int = 200_000) -> float:
         g = gen(99)

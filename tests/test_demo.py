@@ -38,6 +38,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert metrics["tokenizer"]["psnr"] == sources["## Tokenizer"]["psnr"]
     assert "SWD" in report and "not FID" not in report.split("## Evaluation")[0]
     assert "No FID here" in report  # no Inception weights on the test machine: said plainly
+    record = json.loads((run / "samples_grid.json").read_text())  # the grid's caption is what sample.py recorded
+    assert f"EMA weights, {record['settings']['steps']} decoding steps, {record['settings']['schedule']}" in report
     html = (run / "index.html").read_text()
     assert html.count("data:image/png;base64,") == report.count("![")
 

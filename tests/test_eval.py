@@ -18,11 +18,19 @@ import pytest
 import torch
 from PIL import Image
 
+import eval.__main__ as eval_main
 from eval.__main__ import main
 from eval.errors import EvalError, ImageInputError, ReferenceMismatchError, WeightsError
-from eval.images import from_uint8, open_folder, open_images, open_npz, to_uint8
-from eval.inception import (ENV_WEIGHTS, WEIGHTS_FILENAME, WEIGHTS_URL, InceptionExtractor, find_weights,
-                            make_random_weights, verify_weights)
+from eval.images import checked_float, checked_uint8, open_folder, open_images, open_npz
+from eval.inception import (
+    ENV_WEIGHTS,
+    WEIGHTS_FILENAME,
+    WEIGHTS_URL,
+    InceptionExtractor,
+    find_weights,
+    make_random_weights,
+    verify_weights,
+)
 from eval.reference import ReferenceStats, load_reference, save_reference
 from eval.score import score_images, score_reconstructions
 from eval.stats import FeatureStats, frechet_distance, kernel_inception_distance
@@ -237,7 +245,7 @@ def test_swd_zero_for_identical_sets_and_grows_with_noise():
 # --------------------------------------------------------------------------------- reconstruction FID core
 def test_rfid_identity_reconstruction_gives_zero(folders, extractor):
     a, _ = folders
-    batches = [from_uint8(b) for b in open_folder(a).batches(3)][:2]  # 6 validation images, float [-1, 1]
+    batches = [checked_float(b) for b in open_folder(a).batches(3)][:2]  # 6 validation images, float [-1, 1]
 
     def identity(x: torch.Tensor) -> torch.Tensor:
         assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
@@ -351,26 +359,25 @@ def test_uint8_conversion_is_the_data_package_one():
     from data.transforms import to_uint8 as data_to_uint8
 
     x = torch.linspace(-1.2, 1.2, 10001).reshape(1, 1, 1, -1)
-    assert torch.equal(to_uint8(x), data_to_uint8(x))
+    assert torch.equal(checked_uint8(x), data_to_uint8(x))
     grid = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_uint8(from_uint8(grid)), grid)
+    assert torch.equal(checked_uint8(checked_float(grid)), grid)
 
 
 def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monkeypatch):
     """The gen / rfid subcommands with stand-ins for the sampler and the tokenizer (SWD only, no weights):
     a 'sampler' that yields the reference images, and an identity 'tokenizer', both give SWD 0."""
-    import types
-
     import tokenizer
 
     a, _ = folders
     reference_images = torch.cat(list(open_folder(a).batches(N)))  # (N, 3, RES, RES) uint8
 
     def load_models(tokenizer_ckpt, maskgit_ckpt, ema, device):
-        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {}
+        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"config": {"masking": {"schedule": "arccos",
+                                                                                             "sample_steps": 5}}}
 
-    def generate(tok, model, n, batch_size, seed, steps, cfg_scale, progress):
-        assert (tok, model, n, seed) == ("model:tok.pt", "model:mg.pt", N, 3)
+    def generate(tok, model, n, batch_size, seed, attrs, progress, steps, schedule):
+        assert (tok, model, n, seed, attrs, steps, schedule) == ("model:tok.pt", "model:mg.pt", N, 3, None, 5, "arccos")
         yield from reference_images.split(batch_size)
 
     class Identity(torch.nn.Module):
@@ -381,7 +388,8 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
         def decode(self, z):
             return z
 
-    monkeypatch.setitem(sys.modules, "sample", types.SimpleNamespace(generate=generate, load_models=load_models))
+    monkeypatch.setattr(eval_main, "generate", generate)
+    monkeypatch.setattr(eval_main, "load_models", load_models)
     monkeypatch.setattr(tokenizer, "load_tokenizer", lambda path, ema=True: (Identity(), None), raising=False)
     common = ["--metrics", "swd", "--run-dir", str(tmp_path), "--swd-max-images", str(N), "--device", "cpu"]
     assert main(["gen", "--tokenizer", "tok.pt", "--maskgit", "mg.pt", "--n", str(N), "--seed", "3",

@@ -1,4 +1,4 @@
-"""Invariants of the straightened VQ layer (METHOD.md section 2), parametrized over its options."""
+"""Invariants of the straightened VQ layer (docs/method.md section 2), parametrized over its options."""
 import itertools
 import resource
 

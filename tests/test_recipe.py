@@ -3,11 +3,11 @@ second codebook step, dead-code replacement checked every step, residual stages 
 codes, the VQ-loss weight of the paper's presets, and an EMA that never mixes two codebooks."""
 import pytest
 import torch
-
 from conftest import ROOT, TINY_DATA, run_script
-from tokenizer import VQ_VARIANTS, VQConfig, VectorQuant
+
+from core.checkpoint import load_checkpoint
+from tokenizer import VQ_VARIANTS, VectorQuant, VQConfig
 from tokenizer.config import OPT
-from training.checkpoint import load_checkpoint
 
 SGD = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
 

@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_script
-from transformer.codes import CodeDataset, CodeFileError, code_dtype, read_header
+
+from data.codes import CodeDataset, CodeFileError, code_dtype, read_header
 
 
 def test_code_files_match_the_tokenizer(tiny_runs):
@@ -18,8 +18,8 @@ def test_code_files_match_the_tokenizer(tiny_runs):
     ds = CodeDataset(tiny_runs["codes"], "train")
     item = ds[0]
     assert item["tokens"].shape == (64,) and item["tokens"].max() < 128 and item["attrs"].shape == (5,)
-    from tokenizer import load_tokenizer
     from data import DataConfig, build_dataset
+    from tokenizer import load_tokenizer
     tok, _ = load_tokenizer(tiny_runs["tokenizer"])
     image = build_dataset(DataConfig(num_images=64, resolution=32), "train", train=False)[0]["image"]
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_train_resume_and_sample(tiny_runs, tmp_path):
 
 
 def test_sampling_is_reproducible_and_inpainting_keeps_known_tokens(tiny_runs):
-    from sample import generate, load_models, token_mask
+    from transformer.pipeline import generate, load_models, token_mask
     tok, mg, _ = load_models(str(tiny_runs["tokenizer"]), str(tiny_runs["maskgit"]))
     a = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
     b = torch.cat(list(generate(tok, mg, 3, 2, seed=7, progress=False)))
@@ -88,7 +88,18 @@ def test_refusals(tiny_runs, tmp_path):
     arr = np.load(bad / "train.npy")
     arr[0, 0, 0] = 500
     np.save(bad / "train.npy", arr)
+    with pytest.raises(CodeFileError, match="sha256 differs"):  # not the file the header describes
+        CodeDataset(bad, "train")
+    header = json.loads((bad / "codes.json").read_text())
+    (bad / "codes.json").write_text(json.dumps({**header, "files": {}}))  # a header without file hashes
     with pytest.raises(CodeFileError, match="outside the codebook"):
+        CodeDataset(bad, "train")
+    np.save(bad / "train.npy", arr[1:].clip(0, 127))
+    with pytest.raises(CodeFileError, match="grids, codes.json says"):
+        CodeDataset(bad, "train")
+    np.save(bad / "train.npy", arr.clip(0, 127))
+    np.save(bad / "train_attrs.npy", np.zeros((len(arr), 3), np.uint8))  # wrong width
+    with pytest.raises(CodeFileError, match="train_attrs.npy has shape"):
         CodeDataset(bad, "train")
 
 
@@ -101,6 +112,7 @@ def test_code_dtype_fits_the_codebook():
 def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
     """`python -m eval gen` and `rfid` on the tiny checkpoints, with the weight-free metric (no Inception here)."""
     from torchvision.utils import save_image
+
     from data import DataConfig, build_dataset
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -108,11 +120,63 @@ def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
     for i in range(len(dataset)):
         save_image((dataset[i]["image"] + 1) / 2, ref / f"{i}.png")
     out = run_script("-m", "eval", "gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"],
-                     "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path)
+                     "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path,
+                     "--attrs", "smiling=1", "--cfg-scale", "1.5")  # guidance works here as in sample.py
     result = json.loads(next(tmp_path.glob("gen_*.json")).read_text())
     assert result["metrics"]["SWD_x1e3_mean"] > 0 and result["protocol"]["sampling"]["n"] == 8
+    trained = json.loads((tiny_runs["mg_dir"] / "config.json").read_text())["masking"]
+    sampling = result["protocol"]["sampling"]
+    assert (sampling["schedule"], sampling["steps"], sampling["cfg_scale"]) == (trained["schedule"], trained["sample_steps"], 1.5)
     assert not any("FID" in k for k in result["metrics"]), out.stdout
     run_script("-m", "eval", "rfid", "--tokenizer", tiny_runs["tokenizer"], "--images", ref, "--metrics", "swd",
                "--run-dir", tmp_path, "--name", "recon")
     recon = json.loads((tmp_path / "recon.json").read_text())
     assert recon["metrics"]["SWD_x1e3_mean"] > 0
+
+
+def test_code_directory_is_written_whole_or_not_at_all(entry, tiny_runs, tmp_path, monkeypatch):
+    """`--splits val` used to re-stamp the header and leave another tokenizer's train.npy in place, and a
+    failure between the arrays and the header left new arrays under the old header."""
+    codes = tmp_path / "codes"
+    shutil.copytree(tiny_runs["codes"], codes)
+    before = {p.name: p.read_bytes() for p in codes.iterdir()}
+    import data.codes
+
+    def disk_full_at_the_second_file(path, arr, calls=[]):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        np.lib.format.write_array(open(path, "wb"), arr)
+    monkeypatch.setattr(data.codes.np, "save", disk_full_at_the_second_file)
+    code, err = entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", codes, "--splits", "val",
+                      "--batch-size", "16")
+    monkeypatch.undo()
+    assert code == 2 and "disk full" in err.splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in codes.iterdir()} == before  # the old directory, untouched
+    assert not list(tmp_path.glob(".codes*"))
+    assert entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", codes, "--splits", "val",
+                 "--batch-size", "16")[0] == 0
+    assert sorted(p.name for p in codes.iterdir()) == ["codes.json", "val.npy", "val_attrs.npy"]
+    with pytest.raises(CodeFileError, match="no 'train' split"):
+        CodeDataset(codes, "train")
+    assert len(CodeDataset(codes, "val")) == read_header(codes).splits["val"]
+
+
+def test_the_tokenizer_decodes_with_the_weights_that_made_the_codes(entry, tiny_runs, tmp_path):
+    """Codes made with the raw tokenizer weights are decoded with the raw weights (sample grids, sample.py,
+    eval gen: one path); sample.py --raw-weights switches MaskGIT's weights only."""
+    from transformer.pipeline import load_models
+
+    raw_codes, mg = tmp_path / "raw_codes", tmp_path / "mg"
+    assert entry("pretokenize", "--tokenizer", tiny_runs["tokenizer"], "--out", raw_codes, "--raw-weights",
+                 "--splits", "train", "--batch-size", "32", "data.flip=false")[0] == 0
+    assert entry("train_maskgit", "--run-dir", mg, "--codes", raw_codes, "--tokenizer", tiny_runs["tokenizer"],
+                 "optim.steps=1", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2")[0] == 0
+    ckpt = torch.load(tiny_runs["tokenizer"], weights_only=True)
+    differs = [k for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor) and not torch.equal(v, ckpt["ema"][k])]
+    assert differs  # after two steps the raw and EMA weights are not the same
+    for maskgit, weights in ((mg / "checkpoint.pt", "model"), (tiny_runs["maskgit"], "ema")):
+        for ema in (True, False):
+            tok, _, meta = load_models(str(tiny_runs["tokenizer"]), str(maskgit), ema=ema)
+            assert meta["tokenizer_weights"] == {"model": "raw", "ema": "ema"}[weights]
+            assert all(torch.equal(tok.state_dict()[k], ckpt[weights][k]) for k in differs)

@@ -137,8 +137,8 @@ class VQModel(nn.Module):
 
 def load_tokenizer(path: str, ema: bool = True, device: str | torch.device = "cpu") -> tuple[VQModel, TokenizerConfig]:
     """Rebuild a tokenizer from its self-describing checkpoint (EMA weights by default), in eval mode."""
-    from training.checkpoint import load_checkpoint
-    from training.config import from_dict
+    from core.checkpoint import load_checkpoint
+    from core.config import from_dict
 
     ckpt = load_checkpoint(path, kind="tokenizer")
     cfg = from_dict(TokenizerConfig, ckpt["config"]["model"])

@@ -8,13 +8,14 @@ from functools import partial
 import torch
 from torch import nn
 
+from core.config import require
 from tokenizer.group_residual import GroupVectorQuant, ResidualVectorQuant
 from tokenizer.quantizer import VectorQuant
 
 
 @dataclass
 class VQConfig:
-    """The VQ layer's options; names and formulas as in ``VectorQuant`` (METHOD.md section 2)."""
+    """The VQ layer's options; names and formulas as in ``VectorQuant`` (docs/method.md section 2)."""
 
     kind: str = "vector"  # "vector", "group" or "residual"
     num_codes: int = 1024
@@ -34,19 +35,17 @@ class VQConfig:
     share: bool | None = None  # one codebook for all groups/stages; None: True for group, False for residual
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vector", "group", "residual"):
-            raise ValueError(f"vq.kind must be 'vector', 'group' or 'residual', got {self.kind!r}")
+        require(self.kind in ("vector", "group", "residual"),
+                f"vq.kind must be 'vector', 'group' or 'residual', got {self.kind!r}")
         for name in ("num_codes", "code_dim", "groups"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"vq.{name} must be positive, got {getattr(self, name)}")
-        if self.inplace_lr < 0:
-            raise ValueError(f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
-        if self.inplace_lr > 0 and self.beta != 1.0:
-            raise ValueError(f"vq.inplace_lr > 0 (alternating optimization) needs vq.beta=1, got vq.beta={self.beta}: "
-                             "the in-place step replaces the codebook term and there is no commitment term")
-        if self.kind == "residual" and self.cb_norm is not None:
-            raise ValueError("vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
-                             "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
+            require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
+        require(self.inplace_lr >= 0, f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
+        require(self.inplace_lr == 0 or self.beta == 1.0,
+                f"vq.inplace_lr > 0 (alternating optimization) needs vq.beta=1, got vq.beta={self.beta}: "
+                "the in-place step replaces the codebook term and there is no commitment term")
+        require(self.kind != "residual" or self.cb_norm is None,
+                "vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
+                "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
 
 
 @dataclass
@@ -63,13 +62,13 @@ class TokenizerConfig:
     vq: VQConfig = field(default_factory=VQConfig)
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0 or self.channels <= 0 or self.num_res_blocks <= 0:
-            raise ValueError(f"resolution, channels and num_res_blocks must be positive, got "
-                             f"{self.resolution}, {self.channels}, {self.num_res_blocks}")
-        if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
-        if self.resolution % self.downsample != 0:
-            raise ValueError(f"resolution {self.resolution} is not divisible by the down-sampling factor {self.downsample}")
+        require(self.resolution > 0 and self.channels > 0 and self.num_res_blocks > 0,
+                f"resolution, channels and num_res_blocks must be positive, got "
+                f"{self.resolution}, {self.channels}, {self.num_res_blocks}")
+        require(bool(self.channel_mult) and all(m > 0 for m in self.channel_mult),
+                f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
+        require(self.resolution % self.downsample == 0,
+                f"resolution {self.resolution} is not divisible by the down-sampling factor {self.downsample}")
 
     @property
     def downsample(self) -> int:
@@ -105,8 +104,7 @@ def variant_overrides(name: str, keep: tuple[str, ...] = ("num_codes", "code_dim
     """``model.vq.key=value`` overrides setting *every* VQ option to rung ``name`` of ``VQ_VARIANTS``:
     ``VQConfig``'s defaults (no fix at all) updated with the rung, so a preset's own fixes never leak
     into a rung. The fields in ``keep`` (the codebook's size) stay the preset's."""
-    if name not in VQ_VARIANTS:
-        raise ValueError(f"unknown VQ variant {name!r}; choose one of {', '.join(VQ_VARIANTS)}")
+    require(name in VQ_VARIANTS, f"unknown VQ variant {name!r}; choose one of {', '.join(VQ_VARIANTS)}")
     values = {**dataclasses.asdict(VQConfig()), **VQ_VARIANTS[name]}
     fmt = lambda v: "none" if v is None else ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower()  # noqa: E731
     return [f"model.vq.{k}={fmt(v)}" for k, v in values.items() if k not in keep]
@@ -126,8 +124,7 @@ PRESETS: dict[str, TokenizerConfig] = {
 
 
 def preset(name: str) -> TokenizerConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
+    require(name in PRESETS, f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], vq=dataclasses.replace(PRESETS[name].vq))
 
 

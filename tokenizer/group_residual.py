@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizer.quantizer import VectorQuant, _check_norm
+from tokenizer.quantizer import VectorQuant, _check_norm, check_input
 
 
 def _merge_infos(infos: list[dict[str, Any]], q: Tensor) -> dict[str, Any]:
@@ -37,11 +37,7 @@ class GroupVectorQuant(nn.Module):
         self.vqs = nn.ModuleList(VectorQuant(sub, num_codes, dim=-1, **vq_kwargs) for _ in range(n))
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        if not torch.is_floating_point(z_e):
-            raise TypeError(f"GroupVectorQuant expects a floating-point tensor, got dtype {z_e.dtype}")
-        if z_e.shape[self.dim] != self.feature_size:
-            raise ValueError(f"GroupVectorQuant expects feature size {self.feature_size} on dim {self.dim}, "
-                             f"got input of shape {tuple(z_e.shape)}")
+        check_input(self, z_e)
         z = z_e.movedim(self.dim, -1)
         z = z.reshape(*z.shape[:-1], self.groups, -1)  # (..., G, d/G)
         if self.share:
@@ -94,11 +90,7 @@ class ResidualVectorQuant(nn.Module):
         self.vqs = nn.ModuleList(VectorQuant(feature_size, num_codes, dim=-1, sync_nu=0.0, **vq_kwargs) for _ in range(n))
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        if not torch.is_floating_point(z_e):
-            raise TypeError(f"ResidualVectorQuant expects a floating-point tensor, got dtype {z_e.dtype}")
-        if z_e.shape[self.dim] != self.feature_size:
-            raise ValueError(f"ResidualVectorQuant expects feature size {self.feature_size} on dim {self.dim}, "
-                             f"got input of shape {tuple(z_e.shape)}")
+        check_input(self, z_e)
         z = z_e.float().movedim(self.dim, -1)  # (..., d)
         if self.norm == "l2":
             z = F.normalize(z, dim=-1)

@@ -1,7 +1,7 @@
 """Nearest-code search and k-means++ in pure torch (CPU and GPU, no cupy/faiss).
 
 Both run in fp32 and never allocate the full (N, K) distance matrix: rows of the input are processed in
-chunks of ``chunk_elems // K`` so memory stays O(chunk x K) (METHOD.md section 2.3).
+chunks of ``chunk_elems // K`` so memory stays O(chunk x K) (docs/method.md section 2, item 3).
 """
 from __future__ import annotations
 

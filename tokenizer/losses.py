@@ -1,4 +1,4 @@
-"""Training losses of the tokenizer (METHOD.md section 4): reconstruction + VQ loss, and the optional
+"""Training losses of the tokenizer (docs/method.md section 4): reconstruction + VQ loss, and the optional
 VQGAN terms (Esser et al., "Taming Transformers for High-Resolution Image Synthesis", CVPR 2021):
 LPIPS perceptual loss (Zhang et al. 2018) and a PatchGAN hinge loss (Isola et al. 2017; hinge form of
 Lim & Ye 2017) balanced by VQGAN's adaptive weight (Esser et al. 2021, eq. 7).
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.config import require
 from tokenizer.discriminator import NORMS as DISC_NORMS
 from tokenizer.discriminator import PatchDiscriminator
 from tokenizer.lpips import LPIPS
@@ -25,7 +26,7 @@ RECON_LOSSES = ("l1", "l2")
 class LossConfig:
     """Weights of the tokenizer's loss terms; each weight is named after the term it multiplies.
 
-    ``vq_weight`` multiplies the quantizer's own loss (commitment + codebook, METHOD.md section 2.5).
+    ``vq_weight`` multiplies the quantizer's own loss (commitment + codebook, docs/method.md section 2, item 4).
     The paper (Huh et al. 2023) weighted its VQ loss by 5; 1 is the VQGAN convention.
     """
 
@@ -41,19 +42,14 @@ class LossConfig:
     disc_channels: int = 64
     disc_norm: str = "group"  # "group", "batch" or "none"; see tokenizer/discriminator.py
 
-    def __post_init__(self) -> None:
-        if self.recon not in RECON_LOSSES:
-            raise ValueError(f"loss.recon must be one of {RECON_LOSSES}, got {self.recon!r}")
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
+        require(self.recon in RECON_LOSSES, f"loss.recon must be one of {RECON_LOSSES}, got {self.recon!r}")
         for name in ("recon_weight", "vq_weight", "perceptual_weight", "adversarial_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"loss.{name} must be a finite number >= 0, got {value!r}")
+            require(math.isfinite(value) and value >= 0, f"loss.{name} must be a finite number >= 0, got {value!r}")
         for name, low in (("adversarial_start", 0), ("disc_layers", 1), ("disc_channels", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"loss.{name} must be an int >= {low}, got {value!r}")
-        if self.disc_norm not in DISC_NORMS:
-            raise ValueError(f"loss.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
+            require(getattr(self, name) >= low, f"loss.{name} must be an int >= {low}, got {getattr(self, name)!r}")
+        require(self.disc_norm in DISC_NORMS, f"loss.disc_norm must be one of {DISC_NORMS}, got {self.disc_norm!r}")
 
 
 def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: nn.Parameter, max_weight: float = 1e4) -> Tensor:

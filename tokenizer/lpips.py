@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import vgg16
 
+from core.errors import UserError
+
 VGG_FILE = "vgg16-397923af.pth"
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG_ENV = "LPIPS_VGG_WEIGHTS"
@@ -56,7 +58,7 @@ def resolve_weights(path: str | os.PathLike | None, env: str, filename: str, sou
 def _load(path: Path) -> dict[str, Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
+        raise UserError(f"{path}: expected a state_dict (dict of tensors), got {type(state).__name__}")
     return state
 
 
@@ -90,7 +92,7 @@ class LPIPS(nn.Module):
         try:
             features.load_state_dict(vgg_state, strict=True, assign=True)
         except RuntimeError as err:
-            raise ValueError(f"{vgg_file}: not a torchvision VGG16 state_dict ({VGG_FILE}): {err}") from None
+            raise UserError(f"{vgg_file}: not a torchvision VGG16 state_dict ({VGG_FILE}): {err}") from None
         starts = (0,) + SLICE_ENDS[:-1]
         self.slices = nn.ModuleList(features[a:b] for a, b in zip(starts, SLICE_ENDS))
 
@@ -101,11 +103,11 @@ class LPIPS(nn.Module):
             w = lin_state.get(key)
             if w is None or tuple(w.shape) != (1, c, 1, 1):
                 got = "missing" if w is None else f"shape {tuple(w.shape)}"
-                raise ValueError(f"{lin_file}: expected {key} of shape (1, {c}, 1, 1) (lpips v0.1 {LIN_FILE}), "
+                raise UserError(f"{lin_file}: expected {key} of shape (1, {c}, 1, 1) (lpips v0.1 {LIN_FILE}), "
                                  f"got {got}")
             if (w < 0).any():
                 # lpips trains these with weights clamped to >= 0; a negative weight means a wrong file.
-                raise ValueError(f"{lin_file}: {key} has negative entries; LPIPS linear weights are non-negative")
+                raise UserError(f"{lin_file}: {key} has negative entries; LPIPS linear weights are non-negative")
             lin.weight.data.copy_(w.float())
 
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)

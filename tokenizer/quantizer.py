@@ -1,4 +1,4 @@
-"""The straightened vector-quantization layer (Huh et al., ICML 2023; ../shared/METHOD.md section 2).
+"""The straightened vector-quantization layer (Huh et al., ICML 2023; docs/method.md section 2).
 
 ``VectorQuant`` keeps the vqtorch call convention (``z_q, info = vq(z_e)``) and implements:
 affine re-parameterized codebook (learned or running-statistics), synchronized STE, alternating
@@ -12,14 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
 
 NORMS = (None, "l2")
 
 
-class NonFiniteInputError(ValueError):
+class NonFiniteInputError(UserError):
     """The quantizer's input holds NaN/inf: the encoder diverged (training scripts catch this)."""
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def check_input(quantizer: nn.Module, z_e: Tensor) -> None:
+    """The shape and dtype check every quantizer runs on its input (no device sync)."""
+    name = type(quantizer).__name__
+    if not torch.is_floating_point(z_e):
+        raise TypeError(f"{name} expects a floating-point tensor, got dtype {z_e.dtype}")
+    if z_e.dim() == 0 or z_e.shape[quantizer.dim] != quantizer.feature_size:
+        raise ValueError(f"{name} expects feature size {quantizer.feature_size} on dim {quantizer.dim}, "
+                         f"got input of shape {tuple(z_e.shape)}")
 
 
 def _check_norm(name: str | None, what: str) -> str | None:
@@ -170,11 +181,7 @@ class VectorQuant(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def _check_input(self, z_e: Tensor) -> None:
-        if not torch.is_floating_point(z_e):
-            raise TypeError(f"VectorQuant expects a floating-point tensor, got dtype {z_e.dtype}")
-        if z_e.dim() == 0 or z_e.shape[self.dim] != self.feature_size:
-            raise ValueError(f"VectorQuant expects feature size {self.feature_size} on dim {self.dim}, "
-                             f"got input of shape {tuple(z_e.shape)}")
+        check_input(self, z_e)
         if not torch.isfinite(z_e).all():
             raise NonFiniteInputError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
 

@@ -1,133 +1,10 @@
-"""Typed configs: dataclasses built from presets plus ``key=value`` overrides, strictly checked.
-
-Unknown keys and wrong types raise ``ConfigError`` (a ``ValueError``) naming the key, what was expected
-and what was given: a typo in a long run's command line must fail at start, not be ignored
-(the YAML-merge failure mode of several public codebases; see ../shared/STYLE.md).
-"""
+"""The optimization and logging configs both training scripts share."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
-from typing import Any, TypeVar, Union
+import math
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message says which and why."""
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and for strings from the command line, parse) ``value`` against the annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping for {tp.__name__}, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (elem,) = typing.get_args(tp)[:1] or (Any,)
-        items = [_coerce(v, elem, key) for v in value]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported annotation {tp}")
-
-
-def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
-    types_ = _field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys here: {', '.join(prefix + k for k in types_)}"
-        )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """JSON-able nested dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Return a copy of ``cfg`` with ``a.b.c=value`` overrides applied (dotted keys into nested dataclasses)."""
-    tree = dataclasses.asdict(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
-        node, parts = tree, key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{item}'")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(sorted(node))}")
-        if isinstance(node[parts[-1]], dict):
-            raise ConfigError(f"config key '{key}' is a section; set one of its fields instead")
-        node[parts[-1]] = value.strip()
-    return from_dict(type(cfg), tree)
+from core.config import require
 
 
 @dataclasses.dataclass
@@ -149,18 +26,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"optim.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"optim: need lr > 0, warmup_steps >= 0, grad_clip >= 0, 0 <= ema_decay < 1; got "
-                              f"lr={self.lr}, warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, "
-                              f"ema_decay={self.ema_decay}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas must be two numbers, got {self.betas}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"optim.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.nan_policy not in ("skip", "stop"):
-            raise ConfigError(f"optim.nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
+            require(getattr(self, name) > 0, f"optim.{name} must be positive, got {getattr(self, name)}")
+        finite = {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip, "betas": sum(self.betas)}
+        for name, value in finite.items():  # nan and inf pass every comparison below
+            require(math.isfinite(value), f"optim.{name} must be finite, got {getattr(self, name)}")
+        require(self.lr > 0 and self.warmup_steps >= 0 and self.grad_clip >= 0 and 0 <= self.ema_decay < 1,
+                f"optim: need lr > 0, warmup_steps >= 0, grad_clip >= 0, 0 <= ema_decay < 1; got lr={self.lr}, "
+                f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}, ema_decay={self.ema_decay}")
+        require(len(self.betas) == 2, f"optim.betas must be two numbers, got {self.betas}")
+        require(self.mixed_precision in ("no", "bf16", "fp16"),
+                f"optim.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        require(self.nan_policy in ("skip", "stop"), f"optim.nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
 
 
 @dataclasses.dataclass
@@ -174,7 +50,5 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         for name in ("log_every", "image_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"log.{name} must be positive, got {getattr(self, name)}")
-        if self.val_batches < 0:
-            raise ConfigError(f"log.val_batches must be >= 0, got {self.val_batches}")
+            require(getattr(self, name) > 0, f"log.{name} must be positive, got {getattr(self, name)}")
+        require(self.val_batches >= 0, f"log.val_batches must be >= 0, got {self.val_batches}")

@@ -3,39 +3,95 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from training.config import ConfigError, apply_overrides, from_dict, to_dict
+from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.config import ConfigError, apply_overrides, from_dict, to_dict
+from core.errors import UserError
+from core.files import write_json, write_text
 
 T = TypeVar("T")
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """A problem with the run (directory, resume, numerics) that stops it with a one-line message."""
 
 
 def base_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
-    p.add_argument("--run-dir", required=True, help="where checkpoints, logs and images go")
+    p.add_argument("--run-dir", help="where checkpoints, logs and images go (required unless --print-config)")
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN_DIR/checkpoint.pt if it exists (idempotent: starts fresh otherwise)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a RUN_DIR that holds a checkpoint, deleting its log (without it: refused)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, with preset and overrides applied) and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.steps=500")
     return p
 
 
-def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: dict[str, Any] | None) -> T:
-    """Preset + overrides, or (on resume) the checkpoint's stored config + overrides."""
-    base = from_dict(cls, stored) if stored is not None else preset_cfg
-    return apply_overrides(base, overrides)
+def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str) -> argparse.Namespace:
+    """Parse the command line; --print-config prints preset + overrides as JSON and exits, before the
+    flags a run needs (--run-dir and ``required``) are checked."""
+    args = p.parse_args()
+    if args.print_config:
+        print(json.dumps(to_dict(apply_overrides(presets[args.preset], args.overrides)), indent=2))
+        sys.exit(0)
+    missing = [f"--{name.replace('_', '-')}" for name in ("run_dir", *required) if getattr(args, name) is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
+def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: dict[str, Any] | None,
+                   fixed: tuple[str, ...] = ()) -> T:
+    """Preset + overrides, or (on resume) the checkpoint's stored config + overrides. Refused: overrides
+    of ``fixed`` keys (set from the data), and on resume any change to the model (its weights would not
+    fit); repeating the run's own model overrides on resume is fine."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if any(key == f or key.startswith(f + ".") for f in fixed):
+            raise ConfigError(f"{key} comes from the data and cannot be overridden")
+    if stored is None:
+        return apply_overrides(preset_cfg, overrides)
+    cfg = apply_overrides(from_dict(cls, stored), overrides)
+    changed = sorted(k for k, v in _flat(to_dict(cfg)["model"]).items() if _flat(stored["model"]).get(k) != v)
+    if changed:
+        raise ConfigError(f"model.{changed[0]}: the model cannot change on --resume (the checkpoint's weights would "
+                          f"not fit); start a new run directory instead")
+    return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def open_run(args: argparse.Namespace, kind: str) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory (created, writable) and, with --resume, its checkpoint. A directory that
+    holds a checkpoint is never reset silently: without --resume it is refused unless --overwrite."""
+    run_dir = prepare_run_dir(args.run_dir)
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return run_dir, None
+    if args.resume:
+        return run_dir, load_checkpoint(path, kind=kind)
+    if not args.overwrite:
+        raise RunError(f"{run_dir} already holds a checkpoint; add --resume to continue it, or --overwrite to "
+                       f"start afresh (the checkpoint is then replaced and log.jsonl emptied)")
+    return run_dir, None
 
 
 def prepare_run_dir(path: str | os.PathLike) -> Path:
@@ -52,35 +108,63 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
     return run_dir
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write: a hidden temp file next to ``path`` (cleaned up by prepare_run_dir), then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 class JsonlLog:
-    """Append-only metrics log, one JSON object per line; lines past a resumed step are dropped."""
+    """Append-only metrics log, one JSON object per line; lines past a resumed step are dropped (an
+    atomic rewrite). A last line torn by a kill is dropped too; any other unreadable line is an error."""
 
     def __init__(self, path: Path, resume_step: int = 0) -> None:
         self.path = path
         if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            records = []
+            for i, line in enumerate(lines):
+                try:
+                    records.append((json.loads(line), line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise RunError(f"{path}: line {i + 1} is not JSON; fix or delete the line, then --resume") from None
+            write_text(path, "".join(line + "\n" for record, line in records if record.get("step", 0) <= resume_step))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
+class MetricWindow:
+    """Per-step metrics summed since the last log line. Averages divide by the steps actually summed:
+    the first window after a resume off a log boundary is shorter, and skipped steps add nothing."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count, self.items, self.t0 = 0, 0, time.time()
+
+    def add(self, values: dict[str, float], items: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.items += items
+
+    def averages(self, rate_name: str) -> dict[str, float]:
+        """The window's means and ``rate_name`` (items per second); then start a new window."""
+        out = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        out[rate_name] = self.items / max(time.time() - self.t0, 1e-9)
+        self.__init__()
+        return out
+
+
+def all_ranks_any(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is True on any (one all-reduce; the flag itself with one process).
+    Per-rank decisions to skip a backward or to stop would leave the other ranks waiting in a collective."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits.
+    ``agreed`` makes the decision together: a signal to one process stops them all at the same step."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -92,44 +176,75 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
+    def agreed(self, device: torch.device) -> bool:
+        if all_ranks_any(self.requested is not None, device) and self.requested is None:
+            self.requested = "stop requested on another process"
+        return self.requested is not None
+
 
 class NonFiniteGuard:
-    """What to do with a NaN/inf loss: ``"skip"`` the step (stop after ``patience`` in a row) or ``"stop"``."""
+    """What to do with a NaN/inf loss: ``"skip"`` the step (stop after ``patience`` in a row) or ``"stop"``.
+    The decision is taken by all processes together: a NaN on one rank skips the step on every rank."""
 
     def __init__(self, policy: str, patience: int = 20) -> None:
         if policy not in ("skip", "stop"):
             raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {policy!r}")
         self.policy, self.patience, self.in_a_row, self.skipped = policy, patience, 0, 0
 
-    def bad(self, loss: torch.Tensor | float) -> bool:
+    def bad(self, loss: torch.Tensor) -> bool:
         """True when this step must be skipped; raises RunError when the run must stop."""
-        value = float(loss)
-        if math.isfinite(value):
+        if not all_ranks_any(not bool(torch.isfinite(loss).all()), loss.device):
             self.in_a_row = 0
             return False
         self.in_a_row += 1
         self.skipped += 1
         if self.policy == "stop" or self.in_a_row >= self.patience:
-            raise RunError(f"loss is {value} ({self.in_a_row} non-finite step(s) in a row, policy "
-                           f"'{self.policy}'); stopping. The last checkpoint is intact: lower the learning "
-                           f"rate or use mixed_precision=no, then --resume")
+            raise RunError(f"loss is {float(loss)} on this process ({self.in_a_row} non-finite step(s) in a row on "
+                           f"some process, policy '{self.policy}'); stopping. The last checkpoint is intact: lower "
+                           f"the learning rate or use mixed_precision=no, then --resume")
         return True
 
 
-def main_guard(main: Callable[[], None]) -> None:
-    """Run ``main`` and turn expected errors into one line on stderr and exit code 2.
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores besides the config: weights, EMA, optimizer, extra modules and
+    optimizers (by name, e.g. the discriminator), the step and (on save) every RNG."""
 
-    Config, data and checkpoint errors are ValueErrors with messages written for the user; set
-    TRACEBACK=1 to see the stack instead."""
-    try:
-        main()
-    except (ValueError, RunError, FileNotFoundError, PermissionError) as e:  # ConfigError, DataError, CheckpointError
-        if os.environ.get("TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    model: torch.nn.Module  # the unwrapped model
+    ema: Any
+    optimizer: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
 
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Load a checkpoint of the common layout (see ``save``) into this state, RNGs included."""
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for name, obj in self.extra.items():
+            obj.load_state_dict(ckpt["extra"][name])
+        self.step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
 
+    def save(self, run_dir: Path, accelerator: Any, kind: str, config: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Check that the replicas agree and the weights are finite, then write the checkpoint atomically:
+        {kind, config (the training config), meta (provenance), step, model, ema, optimizer, rng, extra}.
+        Non-finite weights are refused, so checkpoint.pt is always the last good one."""
+        sums = check_replicas(accelerator, self.model)  # every process must hold the same weights and codebook
+        for name, module in (("weights", self.model), ("EMA weights", self.ema.model)):
+            bad = [k for k, t in module.state_dict().items()
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise RunError(f"step {self.step}: the {name} are not finite ({', '.join(bad[:3])}); not saved, the "
+                               f"checkpoint in {run_dir} is the last good one: lower the learning rate, then --resume")
+        if accelerator.is_main_process:
+            write_json(run_dir / "replicas.json", {"step": self.step, "processes": accelerator.num_processes,
+                                                   "checksums": sums})
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "kind": kind, "config": config, "meta": meta, "step": self.step, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                "extra": {name: obj.state_dict() for name, obj in self.extra.items()}})
+        accelerator.wait_for_everyone()
 
 
 def state_checksum(module: torch.nn.Module) -> str:

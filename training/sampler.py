@@ -2,7 +2,9 @@
 
 Epoch e is a permutation drawn from ``seed + e``; each global batch of ``batch_size * world`` indices
 is split between ranks. Starting at global batch ``start_batch`` reproduces exactly the order an
-uninterrupted run would have seen from there, which is what ``--resume`` needs.
+uninterrupted run would have seen from there, which is what ``--resume`` needs. The sampler yields
+``(index, seed + e)``: datasets draw their augmentation from that pair, never from a worker's RNG, so
+the items are the same with or without loader workers and after a resume.
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from core.errors import UserError
 
-class StepSampler(Sampler[int]):
+
+class StepSampler(Sampler[tuple[int, int]]):
     def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
         if num_items < batch_size * world:
-            raise ValueError(f"the dataset has {num_items} items, fewer than one global batch "
+            raise UserError(f"the dataset has {num_items} items, fewer than one global batch "
                              f"({batch_size} x {world} processes); lower the batch size")
         self.n, self.bs, self.seed, self.start = num_items, batch_size, seed, start_batch
         self.rank, self.world, self.shuffle = rank, world, shuffle
@@ -27,7 +31,7 @@ class StepSampler(Sampler[int]):
             return torch.arange(self.n)
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         b = self.start
         while True:
             e, i = divmod(b, self.batches_per_epoch)
@@ -35,7 +39,7 @@ class StepSampler(Sampler[int]):
             glob = self.bs * self.world
             while i < self.batches_per_epoch:
                 start = i * glob + self.rank * self.bs
-                yield from perm[start : start + self.bs].tolist()
+                yield from ((j, self.seed + e) for j in perm[start : start + self.bs].tolist())
                 i += 1
             b = (e + 1) * self.batches_per_epoch
 

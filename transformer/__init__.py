@@ -6,10 +6,10 @@ masking.py   training-side masking and the masked-token loss
 decoding.py  iterative parallel decoding (+ inpainting, CFG) and the sequential baseline
 """
 
-from .decoding import maskgit_decode, sequential_decode
-from .masking import mask_tokens, masked_ce_loss
-from .model import PRESETS, MaskGIT, MaskGITConfig, build_maskgit
-from .schedule import SCHEDULES, gamma, num_masked_decode, num_masked_train
+from transformer.decoding import maskgit_decode, sequential_decode
+from transformer.masking import mask_tokens, masked_ce_loss
+from transformer.model import PRESETS, MaskGIT, MaskGITConfig, build_maskgit
+from transformer.schedule import SCHEDULES, gamma, num_masked_decode, num_masked_train
 
 __all__ = [
     "MaskGIT",

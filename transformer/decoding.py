@@ -1,6 +1,6 @@
 """MaskGIT's iterative parallel decoding, and the one-token-per-step baseline it is compared with.
 
-Chang et al., "MaskGIT", CVPR 2022, sec. 3.2 ("Iterative Decoding") and METHOD.md sec. 5: start
+Chang et al., "MaskGIT", CVPR 2022, sec. 3.2 ("Iterative Decoding") and docs/method.md section 5: start
 from an all-masked grid; at each of T steps predict every masked token in parallel, then keep only
 the most confident predictions and re-mask the rest, with the number left masked given by the same
 schedule gamma used in training. T = 8 steps instead of N sequential ones is the paper's speed claim;
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedule import gamma, num_masked_decode
+from transformer.schedule import gamma, num_masked_decode
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -50,7 +50,7 @@ def maskgit_decode(
     choice_temperature: tau_0 of the Gumbel noise added to the confidences,
         tau_t = choice_temperature * (1 - (t + 1) / T) (MaskGIT reference: 4.5).
     cfg_scale: classifier-free guidance weight w; logits = cond + w (cond - uncond), which is
-        METHOD.md's uncond + s (cond - uncond) with s = 1 + w. So w = 0 is plain conditional
+        the paper's uncond + s (cond - uncond) with s = 1 + w. So w = 0 is plain conditional
         decoding (one forward per step); w > 0 runs cond and uncond as one batch of 2B.
     cfg_schedule: "constant" (w every step) or "linear" (w_t = w (t + 1) / T, weak guidance while
         little is decided, full at the end).

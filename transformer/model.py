@@ -2,7 +2,7 @@
 
 Chang et al., "MaskGIT: Masked Generative Image Transformer", CVPR 2022, sec. 3. The network is a
 BERT-style encoder: it sees the whole (partially masked) token grid at once and predicts a
-distribution over the K codes at every position. Mask token id = K (METHOD.md sec. 5), so the
+distribution over the K codes at every position. Mask token id = K (docs/method.md section 5), so the
 input embedding has K + 1 rows while the output head covers the K real codes only: the model is
 never asked to predict "mask".
 
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from core.config import require
 
 
 @dataclass
@@ -45,28 +47,17 @@ class MaskGITConfig:
     num_attrs: int = 0  # 0 = no attribute conditioning; binary attributes (CelebA has 40)
     cond_drop_prob: float = 0.1  # p of replacing the condition by null in training (CFG)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.grid, int):
-            self.grid = (self.grid, self.grid)
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
         self.grid = tuple(self.grid)  # JSON round-trips give a list
         for name in ("num_codes", "dim", "depth", "heads"):
-            _check_int(name, getattr(self, name), minimum=1)
+            require(getattr(self, name) >= 1, f"model.{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("num_classes", "num_attrs"):
-            _check_int(name, getattr(self, name), minimum=0)
-        if len(self.grid) != 2:
-            raise ValueError(f"MaskGITConfig.grid must be (h, w), got {self.grid}")
-        for g in self.grid:
-            _check_int("grid", g, minimum=1)
-        if self.dim % self.heads != 0:
-            raise ValueError(f"MaskGITConfig: dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"MaskGITConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+            require(getattr(self, name) >= 0, f"model.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        require(len(self.grid) == 2 and min(self.grid) >= 1, f"model.grid must be (h, w) with h, w >= 1, got {self.grid}")
+        require(self.dim % self.heads == 0, f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
+        require(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
         for name in ("dropout", "attn_dropout", "cond_drop_prob"):
-            p = getattr(self, name)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-                raise ValueError(f"MaskGITConfig.{name} must be a float in [0, 1), got {p!r}")
-        if not isinstance(self.tied_head, bool):
-            raise ValueError(f"MaskGITConfig.tied_head must be a bool, got {self.tied_head!r}")
+            require(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
     @property
     def seq_len(self) -> int:
@@ -80,35 +71,14 @@ class MaskGITConfig:
     def conditional(self) -> bool:
         return self.num_classes > 0 or self.num_attrs > 0
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MaskGITConfig":
-        """Rebuild from a checkpoint's dict; unknown keys raise instead of being dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MaskGITConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
 
-    @classmethod
-    def from_preset(cls, preset: str, num_codes: int, grid: int | tuple[int, int],
-                    **overrides: Any) -> "MaskGITConfig":
-        if preset not in PRESETS:
-            raise ValueError(f"unknown MaskGIT preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[preset], "num_codes": num_codes, "grid": grid, **overrides})
-
-
-def _check_int(name: str, v: Any, minimum: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"MaskGITConfig.{name} must be an int >= {minimum}, got {v!r}")
-
-
-# Model sizes only; num_codes and grid come from the tokenizer (see build_maskgit).
-PRESETS: dict[str, dict[str, Any]] = {
+# Model sizes; num_codes and grid come from the tokenizer (see build_maskgit).
+PRESETS: dict[str, MaskGITConfig] = {
     # CPU smoke runs and tests.
-    "tiny": dict(dim=128, depth=4, heads=4, mlp_ratio=4.0),
+    "tiny": MaskGITConfig(dim=128, depth=4, heads=4, mlp_ratio=4.0),
     # One GPU, 16x16 grid of 1024 codes from a 64x64 CelebA tokenizer (~38M parameters); a
     # scaled-down version of MaskGIT's 24-layer, 768-wide ImageNet model.
-    "celeba64": dict(dim=512, depth=12, heads=8, mlp_ratio=4.0),
+    "celeba64": MaskGITConfig(dim=512, depth=12, heads=8, mlp_ratio=4.0),
 }
 
 
@@ -221,7 +191,9 @@ class MaskGIT(nn.Module):
             raise ValueError(f"MaskGIT: tokens must be (B, {cfg.seq_len}), got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.long, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"MaskGIT: tokens must be an integer tensor, got {tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() > cfg.mask_id):
+        # Ids are checked where they enter (CodeDataset, decoding builds its own); here only on the CPU,
+        # where it costs no device sync (on a GPU an id out of range fails in the embedding lookup).
+        if tokens.device.type == "cpu" and tokens.numel() and (tokens.min() < 0 or tokens.max() > cfg.mask_id):
             raise ValueError(f"MaskGIT: token ids must lie in [0, {cfg.mask_id}] ({cfg.mask_id} = mask)")
         b = tokens.shape[0]
 
@@ -272,7 +244,7 @@ class MaskGIT(nn.Module):
             else:
                 if labels.shape != (b,) or labels.dtype != torch.long:
                     raise ValueError(f"MaskGIT: cond['class'] must be a long tensor of shape ({b},)")
-                if labels.min() < 0 or labels.max() >= cfg.num_classes:
+                if labels.device.type == "cpu" and (labels.min() < 0 or labels.max() >= cfg.num_classes):
                     raise ValueError(f"MaskGIT: class ids must lie in [0, {cfg.num_classes})")
                 labels = torch.where(drop_cond, null, labels)
             prefix = prefix + self.class_emb(labels)  # (B, D)
@@ -285,7 +257,7 @@ class MaskGIT(nn.Module):
             else:
                 if attrs.shape != (b, a) or attrs.dtype != torch.long:
                     raise ValueError(f"MaskGIT: cond['attrs'] must be a long tensor of shape ({b}, {a})")
-                if ((attrs != 0) & (attrs != 1)).any():
+                if attrs.device.type == "cpu" and ((attrs != 0) & (attrs != 1)).any():
                     raise ValueError("MaskGIT: attribute values must be 0 or 1 (map CelebA's -1 to 0)")
                 attrs = torch.where(drop_cond[:, None], null, attrs)
             rows = attrs + 3 * torch.arange(a, device=device)  # (B, A)
@@ -296,4 +268,6 @@ class MaskGIT(nn.Module):
 def build_maskgit(preset: str, num_codes: int, grid: int | tuple[int, int], **overrides: Any) -> MaskGIT:
     """MaskGIT from a named preset, with the tokenizer's codebook size and grid; overrides must be
     MaskGITConfig fields (e.g. num_attrs=40, dropout=0.0)."""
-    return MaskGIT(MaskGITConfig.from_preset(preset, num_codes, grid, **overrides))
+    require(preset in PRESETS, f"unknown MaskGIT preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    return MaskGIT(dataclasses.replace(PRESETS[preset], num_codes=num_codes, grid=grid, **overrides))

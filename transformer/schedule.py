@@ -7,7 +7,7 @@ monotonically decreasing from gamma(0) = 1 to gamma(1) = 0, in two places:
 * decoding: after step t of T, keep floor(gamma((t + 1) / T) * N) tokens masked.
 
 Keeping both uses in this one module is what makes "the schedule the model was trained on" and
-"the schedule it is decoded with" the same thing by construction (STYLE.md principle 11).
+"the schedule it is decoded with" the same thing by construction (docs/method.md section 5).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def num_masked_decode(
     size of the region to fill for inpainting (may be a per-sample long tensor).
 
     With `currently_masked` (per-sample long tensor, masked count *before* step t) the value is
-    clipped as in MaskGIT's decoder (METHOD.md sec. 5): to at most currently_masked - 1, so each
+    clipped as in MaskGIT's decoder (docs/method.md section 5): to at most currently_masked - 1, so each
     step fixes at least one token while any remain, and to at least 1 before the last step, so the
     last step has something left to decide. When the two bounds conflict (currently_masked <= 1
     before the last step) progress wins: the remaining token is fixed now. This also keeps the

@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
+from core.files import write_text
 from eval.inception import WEIGHTS_FILENAME
 from eval.score import ScoreResult
-from training.run import write_text
 
 NOT_FID = (f"**NOT FID**: computed with unverified Inception weights (not the standard {WEIGHTS_FILENAME}); "
            f"only comparable with numbers computed from the same weights file.")

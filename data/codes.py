@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.checkpoint import file_sha256
+from core.errors import UserError
+
 FORMAT = "straight-maskgit-codes"
 
 
-class CodeFileError(ValueError):
+class CodeFileError(UserError):
     """A code file is missing, stale (other tokenizer) or inconsistent."""
 
 
@@ -44,26 +48,40 @@ class CodeHeader:
     attr_names: list[str]
     splits: dict[str, int]  # split -> number of grids (flipped copies included)
     dataset: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (older headers: none)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.__dict__, "grid": list(self.grid)}
 
 
-def write_split(out_dir: Path, split: str, codes: np.ndarray, attrs: np.ndarray | None) -> None:
-    """Atomically write one split's arrays (temp file + rename)."""
-    for name, arr in ((f"{split}.npy", codes), (f"{split}_attrs.npy", attrs)):
-        if arr is None:
-            continue
-        tmp = out_dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, out_dir / name)
-
-
-def write_header(out_dir: Path, header: CodeHeader) -> None:
-    tmp = out_dir / ".codes.json.tmp"
-    tmp.write_text(json.dumps(header.to_json(), indent=2) + "\n")
-    os.replace(tmp, out_dir / "codes.json")
+def write_code_dir(out_dir: str | os.PathLike, header: CodeHeader,
+                   arrays: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> Path:
+    """Write a whole code directory atomically: every split's arrays and the header (with each file's
+    sha256 and row count) go to a temporary directory that then replaces ``out_dir``. A failure at any
+    point leaves the previous directory as it was; splits not in ``arrays`` do not survive."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    header.splits, header.files = {}, {}
+    try:
+        for split, (codes, attrs) in arrays.items():
+            header.splits[split] = len(codes)
+            for name, arr in ((f"{split}.npy", codes), (f"{split}_attrs.npy", attrs)):
+                if arr is not None:
+                    np.save(tmp / name, arr)
+                    header.files[name] = file_sha256(tmp / name)
+        (tmp / "codes.json").write_text(json.dumps(header.to_json(), indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def read_header(code_dir: str | os.PathLike) -> CodeHeader:
@@ -105,8 +123,12 @@ class CodeDataset(Dataset):
     def __init__(self, code_dir: str | os.PathLike, split: str = "train") -> None:
         self.header = read_header(code_dir)
         path = Path(code_dir) / f"{split}.npy"
-        if not path.is_file():
+        if split not in self.header.splits or not path.is_file():
             raise CodeFileError(f"no '{split}' split in {code_dir} (have: {', '.join(self.header.splits)})")
+        for name in (f"{split}.npy", f"{split}_attrs.npy"):
+            if name in self.header.files and file_sha256(Path(code_dir) / name) != self.header.files[name]:
+                raise CodeFileError(f"{Path(code_dir) / name} is not the file codes.json describes (sha256 differs); "
+                                    f"re-run pretokenize.py")
         try:
             self.codes = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as e:
@@ -115,18 +137,26 @@ class CodeDataset(Dataset):
         if self.codes.ndim != 3 or self.codes.shape[1:] != (h, w) or self.codes.dtype != np.dtype(self.header.dtype):
             raise CodeFileError(f"{path}: expected ({'M'}, {h}, {w}) {self.header.dtype}, "
                                 f"got {self.codes.shape} {self.codes.dtype}")
+        if len(self.codes) != self.header.splits[split]:
+            raise CodeFileError(f"{path} has {len(self.codes)} grids, codes.json says {self.header.splits[split]}; "
+                                f"re-run pretokenize.py")
         lo, hi = int(self.codes.min()), int(self.codes.max())
         if lo < 0 or hi >= self.header.num_codes:
             raise CodeFileError(f"{path} holds token ids in [{lo}, {hi}], outside the codebook [0, {self.header.num_codes})")
         attrs_path = Path(code_dir) / f"{split}_attrs.npy"
         self.attrs = np.load(attrs_path, allow_pickle=False) if attrs_path.is_file() else None
-        if self.attrs is not None and len(self.attrs) != len(self.codes):
-            raise CodeFileError(f"{attrs_path} has {len(self.attrs)} rows for {len(self.codes)} grids")
+        if self.header.attr_names and self.attrs is None:
+            raise CodeFileError(f"{attrs_path} is missing (codes.json names {len(self.header.attr_names)} attributes)")
+        expected = (len(self.codes), len(self.header.attr_names))
+        if self.attrs is not None and self.attrs.shape != expected:
+            raise CodeFileError(f"{attrs_path} has shape {self.attrs.shape}, expected ({len(self.codes)}, "
+                                f"{len(self.header.attr_names)}): one row of {len(self.header.attr_names)} attributes per grid")
 
     def __len__(self) -> int:
         return len(self.codes)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i = key[0] if isinstance(key, tuple) else key  # (index, draw) from StepSampler: codes draw nothing
         tokens = torch.from_numpy(np.asarray(self.codes[i], dtype=np.int64)).flatten()
         attrs = torch.from_numpy(self.attrs[i].astype(np.int64)) if self.attrs is not None else torch.zeros(0, dtype=torch.long)
         return {"tokens": tokens, "attrs": attrs}

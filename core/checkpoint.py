@@ -2,9 +2,12 @@
 
 A checkpoint is one file holding a dict of tensors and plain Python values only:
 
-    {"format": "straight-maskgit", "version": 1, "kind": "tokenizer" | "maskgit",
-     "config": {...}, "step": int, "model": state_dict, "ema": state_dict,
-     "optimizer": ..., "rng": ..., "extra": {...}}
+    {"format": "straight-maskgit", "version": 2, "kind": "tokenizer" | "maskgit",
+     "config": the training config, "meta": provenance (MaskGIT: tokenizer path, sha256 and weights,
+     code directory, attribute names), "step": int, "model": state_dict, "ema": state_dict,
+     "optimizer": ..., "rng": ..., "extra": {name: state_dict} (e.g. the discriminator)}
+
+Both stages write it with ``training.run.TrainState.save`` and read it back with ``restore``.
 
 It is saved with ``torch.save`` to a temporary file in the same directory, fsync'ed and renamed over
 the target (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the old or the
@@ -25,11 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import UserError
+
 FORMAT = "straight-maskgit"
-VERSION = 1
+VERSION = 2  # 2: the same layout for both stages (config = training config, meta = provenance)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable, unsafe or of the wrong kind."""
 
 
@@ -62,13 +67,21 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely; ``kind`` ("tokenizer" / "maskgit") is checked when given."""
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """The checkpoint file a user means: the file itself, or a run directory's checkpoint.pt."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely; ``kind`` ("tokenizer" / "maskgit") is checked when given. A run
+    directory stands for its checkpoint.pt."""
+    path = checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -80,13 +93,20 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None, map_locati
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, but a {kind!r} checkpoint was expected here")
+    ckpt.setdefault("meta", {})
+    if ckpt.get("version") == 1 and ckpt.get("kind") == "maskgit":  # v1 kept provenance next to the training config
+        meta = dict(ckpt["config"])
+        ckpt["config"] = meta.pop("train")
+        meta.pop("model")
+        ckpt["meta"], ckpt["version"] = meta, VERSION
     return ckpt
 
 
 def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:
-    """First ``prefix`` hex digits of the file's sha256 (used to tie code files to a tokenizer)."""
+    """First ``prefix`` hex digits of a file's sha256 (a run directory: its checkpoint.pt). Ties code
+    files to their tokenizer and to their header."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(checkpoint_path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:prefix]

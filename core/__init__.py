@@ -1,0 +1,1 @@
+"""The base layer every package may import: typed configs, checkpoints, user errors."""

@@ -1,0 +1,31 @@
+"""Atomic writes of small files: a hidden temp file next to the target, then a rename.
+
+A kill at any moment leaves the old file or the new one, never a torn one; ``prepare_run_dir`` removes
+temp files a kill left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError, describe_os_error
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic text write: a hidden temp file next to ``path`` (cleaned up by prepare_run_dir), then rename.
+    A failure (disk full, read-only folder) raises UserError and leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path}: {describe_os_error(e)}; the previous file is intact") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

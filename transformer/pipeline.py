@@ -1,0 +1,165 @@
+"""The one sampling path: tokenizer + MaskGIT rebuilt from their checkpoints, decoded with the
+settings stored in them. ``sample.py``, ``python -m eval gen`` and the grids ``train_maskgit.py``
+writes during training all go through ``generate`` here.
+
+    tokenizer, model, meta = load_models("runs/tok/checkpoint.pt", "runs/mg/checkpoint.pt")
+    settings = decode_settings(meta["config"], steps=12)  # the trained mask schedule, T = 12
+    for images in generate(tokenizer, model, n=100, batch_size=50, seed=0, **settings): ...
+
+The tokenizer decodes with the weights (raw or EMA) that encoded the codes MaskGIT learned from
+(recorded in the MaskGIT checkpoint); ``ema`` chooses MaskGIT's weights only.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from core.config import from_dict
+from core.errors import UserError
+from data import load_rgb, preprocess_uint8, to_uint8
+from tokenizer import VQModel, load_tokenizer
+from transformer.decoding import CFG_SCHEDULES, maskgit_decode
+from transformer.model import MaskGIT, MaskGITConfig
+from transformer.schedule import SCHEDULES
+
+SAMPLES_RECORD = "samples.json"  # next to a folder of samples: what made them (sample.py writes, eval reads)
+
+
+def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
+                device: str | torch.device = "cpu") -> tuple[VQModel, MaskGIT, dict[str, Any]]:
+    """Both models from their checkpoints, in eval mode; refuses a swapped or mismatched pair.
+
+    Returns (tokenizer, maskgit, meta): meta is the MaskGIT checkpoint's provenance (tokenizer sha256
+    and weights, code directory, attribute names) and, under "config", its training config."""
+    try:
+        ckpt = load_checkpoint(maskgit_path, kind="maskgit")
+    except CheckpointError as e:
+        raise CheckpointError(f"--maskgit: {e}") from None
+    meta = {**ckpt["meta"], "config": ckpt["config"]}
+    weights = meta.get("tokenizer_weights", "ema")  # the weights that encoded the training codes
+    try:
+        tokenizer, tok_cfg = load_tokenizer(tokenizer_path, ema=weights == "ema", device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
+    sha = file_sha256(tokenizer_path)
+    if meta["tokenizer_sha256"] != sha:
+        raise CheckpointError(f"--maskgit {maskgit_path} was trained on codes of tokenizer sha256 "
+                              f"{meta['tokenizer_sha256']} ({meta['tokenizer']}), but --tokenizer {tokenizer_path} "
+                              f"has sha256 {sha}")
+    cfg = from_dict(MaskGITConfig, ckpt["config"]["model"])
+    if cfg.num_codes != tok_cfg.vq.num_codes or tuple(cfg.grid) != tuple(tok_cfg.grid):
+        raise CheckpointError(f"--maskgit expects {cfg.num_codes} codes on a {tuple(cfg.grid)} grid, --tokenizer "
+                              f"has {tok_cfg.vq.num_codes} codes on {tuple(tok_cfg.grid)}")
+    model = MaskGIT(cfg)
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return tokenizer, model.to(device).eval(), meta
+
+
+def decode_settings(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``generate`` from a MaskGIT training config: the mask schedule the model was
+    trained with and its sample-grid step count, replaced by every override that is not None."""
+    masking = config["masking"]
+    settings: dict[str, Any] = {"steps": masking["sample_steps"], "schedule": masking["schedule"]}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
+def add_decode_flags(p: argparse.ArgumentParser) -> None:
+    """The decoding flags of every sampling entry point (None = the setting stored in the checkpoint)."""
+    g = p.add_argument_group("decoding (unset: the settings the MaskGIT checkpoint was trained with)")
+    g.add_argument("--steps", type=int, default=None, help="decoding steps T")
+    g.add_argument("--schedule", default=None, choices=sorted(SCHEDULES), help="mask schedule")
+    g.add_argument("--choice-temperature", type=float, default=None, help="tau_0 of the confidence noise (4.5)")
+    g.add_argument("--temperature", type=float, default=None, help="token sampling temperature (1.0)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=None,
+                   help="guidance weight w: logits = cond + w (cond - uncond); needs --attrs")
+    g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES))
+    g.add_argument("--attrs", default=None, help="conditioning of an attribute model, e.g. smiling=1,glasses=0")
+
+
+def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """decode_settings from the flags of add_decode_flags, checked before any sampling."""
+    settings = decode_settings(meta["config"], steps=args.steps, schedule=args.schedule, top_k=args.top_k,
+                               choice_temperature=args.choice_temperature, temperature=args.temperature,
+                               cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
+    if settings["steps"] < 1:
+        raise UserError(f"--steps must be >= 1, got {settings['steps']}")
+    if settings.get("cfg_scale") and not args.attrs:
+        raise UserError("--cfg needs a condition: give --attrs (guidance moves samples towards a condition)")
+    return settings
+
+
+def parse_attrs(text: str | None, meta: dict[str, Any], model: MaskGIT) -> torch.Tensor | None:
+    """'smiling=1,glasses=0' -> (A,) long attribute vector; unnamed attributes are 0. None without text."""
+    if not text:
+        return None
+    names = meta.get("attr_names", [])
+    if model.cfg.num_attrs == 0:
+        raise UserError("--attrs given, but this MaskGIT was trained without attribute conditioning")
+    values = torch.zeros(model.cfg.num_attrs, dtype=torch.long)
+    for item in text.split(","):
+        name, _, val = item.partition("=")
+        if name.strip() not in names or val.strip() not in ("0", "1"):
+            raise UserError(f"--attrs: expected name=0|1 with name in {names}, got {item!r}")
+        values[names.index(name.strip())] = int(val)
+    return values
+
+
+def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpaint: bool) -> torch.Tensor:
+    """(h, w) bool, True = regenerate. A token is regenerated when any of its pixels is masked."""
+    r, (h, w) = tokenizer.cfg.resolution, tokenizer.grid
+    if mask_path:
+        pixels = preprocess_uint8(load_rgb(mask_path), r, None).float().mean(0) > 127  # white = regenerate
+    elif box:
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box.split(","))
+        except ValueError:
+            raise UserError(f"--box expects x0,y0,x1,y1 in pixels of the {r}x{r} image, got {box!r}") from None
+        if not (0 <= x0 < x1 <= r and 0 <= y0 < y1 <= r):
+            raise UserError(f"--box {box} is empty or outside the {r}x{r} image")
+        pixels = torch.zeros(r, r, dtype=torch.bool)
+        pixels[y0:y1, x0:x1] = True
+    else:
+        raise UserError("--inpaint needs --box or --mask")
+    if outpaint:
+        pixels = ~pixels
+    grid = F.adaptive_max_pool2d(pixels[None, None].float(), (h, w))[0, 0] > 0
+    if not grid.any():
+        raise UserError("the mask covers no token: nothing to regenerate")
+    return grid
+
+
+@torch.no_grad()
+def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: int, steps: int = 8,
+             attrs: torch.Tensor | None = None, init: torch.Tensor | None = None,
+             init_mask: torch.Tensor | None = None, progress: bool = True,
+             **decode_kwargs: Any) -> Iterator[torch.Tensor]:
+    """Yield uint8 image batches (B, 3, H, W). One generator seeded once: the stream is reproducible.
+
+    attrs: (A,) one condition for every sample, or (n, A) one per sample. init / init_mask: (1, N)
+    tokens to keep and positions to regenerate (inpainting). decode_kwargs go to maskgit_decode."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, w = tokenizer.grid
+    done = 0
+    with tqdm(total=n, desc="sampling", disable=not progress) as bar:
+        while done < n:
+            b = min(batch_size, n - done)
+            cond = None
+            if attrs is not None:
+                rows = attrs.expand(b, -1) if attrs.dim() == 1 else attrs[done:done + b]
+                cond = {"attrs": rows.to(device)}
+            extra = {}
+            if init is not None:
+                extra = dict(init_tokens=init.expand(b, -1).to(device), init_mask=init_mask.expand(b, -1).to(device))
+            tokens = maskgit_decode(model, b, gen, steps=steps, cond=cond, **extra, **decode_kwargs)
+            yield to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
+            done += b
+            bar.update(b)
