@@ -20,7 +20,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from core.checkpoint import file_sha256
-from core.config import from_dict, to_dict
+from core.config import from_dict, require, to_dict
 from core.errors import main_guard
 from core.files import write_json
 from data.codes import CodeDataset, check_matches_tokenizer
@@ -45,6 +45,7 @@ from training.sampler import step_loader
 from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
 from transformer.model import PRESETS as MODEL_PRESETS
 from transformer.pipeline import decode_settings, generate
+from transformer.schedule import SCHEDULES
 
 
 @dataclass
@@ -53,6 +54,12 @@ class MaskingConfig:
     label_smoothing: float = 0.1
     condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
     sample_steps: int = 8  # decoding steps T for the periodic sample grids
+
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
+        require(self.schedule in SCHEDULES, f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(0 <= self.label_smoothing < 1, f"masking.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(self.condition in ("none", "attrs"), f"masking.condition must be 'none' or 'attrs', got {self.condition!r}")
+        require(self.sample_steps >= 1, f"masking.sample_steps must be >= 1, got {self.sample_steps}")
 
 
 @dataclass
@@ -131,8 +138,6 @@ def main() -> None:
         if not header.attr_names:
             raise RunError(f"masking.condition=attrs, but the code file {args.codes} has no attributes")
         cfg.model.num_attrs = len(header.attr_names)
-    elif cfg.masking.condition != "none":
-        raise RunError(f"masking.condition must be 'none' or 'attrs', got {cfg.masking.condition!r}")
     cfg.model = from_dict(MaskGITConfig, to_dict(cfg.model))  # re-validate after the changes
     meta = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha, "tokenizer_weights": tok_weights,
             "codes": str(args.codes), "attr_names": header.attr_names}
