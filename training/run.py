@@ -1,4 +1,6 @@
-"""Run-directory plumbing shared by the training scripts: CLI config, logs, signals, NaN policy."""
+"""What both training scripts share around their loops: the command line and config, the run directory,
+the checkpoint (TrainState save/restore), the log and its metric window, signals and the NaN policy
+(decided by all processes together), replica checks. The loops themselves stay in the scripts."""
 from __future__ import annotations
 
 import argparse
