@@ -50,7 +50,7 @@ CODES := $(RUN)/codes/codes.json
 need_data = $(if $(DATA),,$(error DATA is not set: give DATA=/path/to/celeba (or DATA=procedural for a toy run)))
 REF := $(RUN)/eval/ref_$(SPLIT)_$(RES).npz
 
-.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report celeba bench ladder
+.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report export celeba bench ladder
 # The stages depend on each other's files on disk: never run two at once (make -j).
 .NOTPARALLEL:
 
@@ -106,6 +106,10 @@ rfid: $(STAMP)
 
 report: $(STAMP)
 	$(PY) report.py --run $(RUN)
+
+# Portable models (safetensors + config.json, EMA weights) in $(RUN)/export/{tokenizer,maskgit}.
+export: $(STAMP)
+	$(PY) export.py --tokenizer $(TOK) --maskgit $(MG) --out $(RUN)/export
 
 # The full CelebA-64 recipe, stage after stage (each stage resumable).
 celeba: tokenizer maskgit sample fid-ref fid rfid report

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from core.pretrained import Pretrained
 from tokenizer.config import TokenizerConfig, build_quantizer
 
 
@@ -90,8 +91,12 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-class VQModel(nn.Module):
-    """Images in [-1, 1] <-> token grids. ``forward(x) -> (x_rec, info)`` with the quantizer's info."""
+class VQModel(Pretrained, nn.Module):
+    """Images in [-1, 1] <-> token grids. ``forward(x) -> (x_rec, info)`` with the quantizer's info.
+
+    ``save_pretrained(folder)`` / ``VQModel.from_pretrained(folder)``: an exported model (core.pretrained)."""
+
+    kind, config_class = "tokenizer", TokenizerConfig
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()

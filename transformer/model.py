@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from core.config import require
+from core.pretrained import Pretrained
 
 
 @dataclass
@@ -120,7 +121,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class MaskGIT(nn.Module):
+class MaskGIT(Pretrained, nn.Module):
     """Bidirectional transformer: token ids (B, N) in [0, K] -> logits (B, N, K) over the codes.
 
     Conditioning, when built with it (num_classes > 0 and/or num_attrs > 0):
@@ -131,7 +132,11 @@ class MaskGIT(nn.Module):
       unconditional branch). If None in training mode, each sample is dropped with probability
       cfg.cond_drop_prob (drawn from torch's global RNG, like nn.Dropout); in eval mode nothing is
       dropped unless asked. Asking an unconditional model for conditioning raises ValueError.
+
+    ``save_pretrained(folder)`` / ``MaskGIT.from_pretrained(folder)``: an exported model (core.pretrained).
     """
+
+    kind, config_class = "maskgit", MaskGITConfig
 
     def __init__(self, cfg: MaskGITConfig) -> None:
         super().__init__()

@@ -3,6 +3,7 @@ settings stored in them. ``sample.py``, ``python -m eval gen`` and the grids ``t
 writes during training all go through ``generate`` here.
 
     tokenizer, model, meta = load_models("runs/tok/checkpoint.pt", "runs/mg/checkpoint.pt")
+    tokenizer, model, meta = load_pretrained("exports/celeba64")  # or the folders export.py writes
     settings = decode_settings(meta["config"], steps=12)  # the trained mask schedule, T = 12
     for images in generate(tokenizer, model, n=100, batch_size=50, seed=0, **settings): ...
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from core.config import from_dict
 from core.errors import UserError
+from core.pretrained import is_export, read_config
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
 from transformer.decoding import CFG_SCHEDULES, maskgit_decode
@@ -33,32 +36,82 @@ SAMPLES_RECORD = "samples.json"  # next to a folder of samples: what made them (
 
 def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
                 device: str | torch.device = "cpu") -> tuple[VQModel, MaskGIT, dict[str, Any]]:
-    """Both models from their checkpoints, in eval mode; refuses a swapped or mismatched pair.
+    """Both models, in eval mode, from their checkpoints or exported folders (export.py; either may be
+    either); refuses a swapped or mismatched pair.
 
-    Returns (tokenizer, maskgit, meta): meta is the MaskGIT checkpoint's provenance (tokenizer sha256
-    and weights, code directory, attribute names) and, under "config", its training config."""
-    try:
-        ckpt = load_checkpoint(maskgit_path, kind="maskgit")
-    except CheckpointError as e:
-        raise CheckpointError(f"--maskgit: {e}") from None
-    meta = {**ckpt["meta"], "config": ckpt["config"]}
-    weights = meta.get("tokenizer_weights", "ema")  # the weights that encoded the training codes
-    try:
-        tokenizer, tok_cfg = load_tokenizer(tokenizer_path, ema=weights == "ema", device=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"--tokenizer: {e}") from None
-    sha = file_sha256(tokenizer_path)
-    if meta["tokenizer_sha256"] != sha:
-        raise CheckpointError(f"--maskgit {maskgit_path} was trained on codes of tokenizer sha256 "
-                              f"{meta['tokenizer_sha256']} ({meta['tokenizer']}), but --tokenizer {tokenizer_path} "
-                              f"has sha256 {sha}")
-    cfg = from_dict(MaskGITConfig, ckpt["config"]["model"])
+    Returns (tokenizer, maskgit, meta): meta is the MaskGIT's provenance (tokenizer sha256 and weights,
+    attribute names) and, under "config", its training config (an export: its model and masking parts)."""
+    if is_export(maskgit_path):
+        if not ema:
+            raise UserError(f"--maskgit {maskgit_path} is an export: it holds one set of weights (raw/EMA is chosen "
+                            "when exporting)")
+        config = read_config(maskgit_path, "maskgit")
+        model = MaskGIT.from_pretrained(maskgit_path, device=device)
+        meta = {**config["meta"], "config": {"model": config["model"], "masking": config["masking"]}}
+    else:
+        try:
+            ckpt = load_checkpoint(maskgit_path, kind="maskgit")
+        except CheckpointError as e:
+            raise CheckpointError(f"--maskgit: {e}") from None
+        meta = {**ckpt["meta"], "config": ckpt["config"]}
+        model = MaskGIT(from_dict(MaskGITConfig, ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["ema" if ema else "model"])
+        model = model.to(device).eval()
+    identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}
+    tokenizer, tok_identity = load_tokenizer_as(tokenizer_path, identity["weights"], device)
+    if tok_identity != identity:
+        raise CheckpointError(f"--maskgit {maskgit_path} was trained on codes of tokenizer sha256 {identity['sha256']} "
+                              f"({identity['weights']} weights, {meta['tokenizer']}), but --tokenizer {tokenizer_path} "
+                              f"is sha256 {tok_identity['sha256']} ({tok_identity['weights']} weights)")
+    cfg, tok_cfg = model.cfg, tokenizer.cfg
     if cfg.num_codes != tok_cfg.vq.num_codes or tuple(cfg.grid) != tuple(tok_cfg.grid):
         raise CheckpointError(f"--maskgit expects {cfg.num_codes} codes on a {tuple(cfg.grid)} grid, --tokenizer "
                               f"has {tok_cfg.vq.num_codes} codes on {tuple(tok_cfg.grid)}")
-    model = MaskGIT(cfg)
-    model.load_state_dict(ckpt["ema" if ema else "model"])
-    return tokenizer, model.to(device).eval(), meta
+    return tokenizer, model, meta
+
+
+def load_tokenizer_as(path: str, weights: str, device: str | torch.device = "cpu") -> tuple[VQModel, dict[str, str]]:
+    """A tokenizer from a checkpoint (its ``weights``, "ema" or "raw") or an export, and its identity
+    {"sha256": of the checkpoint the weights come from, "weights"}: what a MaskGIT records of its tokenizer."""
+    if is_export(path):
+        tokenizer = VQModel.from_pretrained(path, device=device)
+        return tokenizer, read_config(path, "tokenizer")["identity"]
+    try:
+        tokenizer, _ = load_tokenizer(path, ema=weights == "ema", device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
+    return tokenizer, {"sha256": file_sha256(path), "weights": weights}
+
+
+def load_pretrained(folder: str, device: str | torch.device = "cpu") -> tuple[VQModel, MaskGIT, dict[str, Any]]:
+    """``load_models`` for the folder export.py writes: FOLDER/tokenizer and FOLDER/maskgit."""
+    return load_models(str(Path(folder) / "tokenizer"), str(Path(folder) / "maskgit"), device=device)
+
+
+def export_models(tokenizer_path: str, maskgit_path: str | None, out: str, ema: bool = True) -> dict[str, Path]:
+    """Write the exported folders OUT/tokenizer (and OUT/maskgit): safetensors weights + config.json.
+
+    MaskGIT: its EMA weights (raw with ``ema=False``), model config, masking config (schedule, default
+    steps), attribute names and its tokenizer's identity. Tokenizer: the weights that encoded MaskGIT's
+    training codes (EMA without a MaskGIT) and its identity, so that a mismatched pair is refused."""
+    for path in (tokenizer_path, maskgit_path):
+        if path is not None and is_export(path):
+            raise UserError(f"{path} is already an export; export from the training checkpoints")
+    out_dir = Path(out)
+    written: dict[str, Path] = {}
+    if maskgit_path is not None:
+        tokenizer, model, meta = load_models(tokenizer_path, maskgit_path, ema=ema)
+        identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}
+        provenance = {k: v for k, v in meta.items() if k not in ("config", "codes")}  # no local data paths
+        written["maskgit"] = model.save_pretrained(
+            out_dir / "maskgit", masking=meta["config"]["masking"], meta=provenance,
+            source={"step": load_checkpoint(maskgit_path)["step"], "weights": "ema" if ema else "raw",
+                    "checkpoint_sha256": file_sha256(maskgit_path)})
+    else:
+        tokenizer, identity = load_tokenizer_as(tokenizer_path, "ema")
+    written["tokenizer"] = tokenizer.save_pretrained(out_dir / "tokenizer", identity=identity,
+                                                     source={"step": load_checkpoint(tokenizer_path)["step"]})
+    return written
 
 
 def decode_settings(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
