@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from core.checkpoint import file_sha256
@@ -25,6 +25,7 @@ from core.errors import main_guard
 from core.files import write_json
 from data.codes import CodeDataset, check_matches_tokenizer
 from tokenizer import load_tokenizer
+from training import tracking
 from training.config import LogConfig, OptimConfig
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine
@@ -144,7 +145,7 @@ def main() -> None:
 
     # model, optimizer, EMA; restored from the checkpoint on --resume
     o = cfg.optim
-    accelerator = make_accelerator(o.mixed_precision, o.grad_accum)
+    accelerator = make_accelerator(o.mixed_precision, o.grad_accum, **tracking.accelerator_kwargs(cfg.log.tracker, run_dir))
     set_seed(o.seed, device_specific=False)
     model = MaskGIT(cfg.model)
     decay, no_decay = [], []
@@ -165,6 +166,7 @@ def main() -> None:
         write_json(run_dir / "meta.json", meta)
         print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
               f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
+    tracking.start(accelerator, cfg.log.tracker, "maskgit", to_dict(cfg))
 
     batches = iter(step_loader(train_set, o.batch_size, o.seed, start_batch=state.step * o.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes))
@@ -211,12 +213,14 @@ def main() -> None:
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "masked_accuracy") if k in record})
             if accelerator.is_main_process:
                 log.write(record)
+            tracking.log_scalars(accelerator, cfg.log.tracker, record, step)
         # sample grid (the sampling path of sample.py, EMA weights)
         if (step % cfg.log.image_every == 0 or step == o.steps) and accelerator.is_main_process:
             images = next(generate(tokenizer, ema.model, 16, 16, seed=1234, attrs=sample_attrs, progress=False,
                                    **decode_settings(to_dict(cfg))))
             save_image(images.float() / 255, run_dir / f"samples_{step:07d}.png", nrow=4)
             save_image(images.float() / 255, run_dir / "samples_latest.png", nrow=4)
+            tracking.log_image(accelerator, cfg.log.tracker, "samples", make_grid(images.float() / 255, nrow=4), step)
         # checkpoint / stop
         stopping = stop.agreed(accelerator.device)
         if step % cfg.log.ckpt_every == 0 or step == o.steps or stopping:
@@ -224,6 +228,7 @@ def main() -> None:
         if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
+            accelerator.end_training()
             return
     bar.close()
 
@@ -233,8 +238,10 @@ def main() -> None:
         if val_set is not None:
             metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
         write_json(run_dir / "train_metrics.json", metrics)
+        tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
         print(f"maskgit: step {state.step}{val} -> {run_dir}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from core.config import to_dict
@@ -29,6 +29,7 @@ from tokenizer.kmeans import code_histogram, perplexity
 from tokenizer.losses import LossConfig, TokenizerLoss
 from tokenizer.quantizer import NonFiniteInputError
 from tokenizer.quantizer import kmeans_pending as raw_kmeans_pending
+from training import tracking
 from training.config import LogConfig, OptimConfig
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine
@@ -109,7 +110,7 @@ def main() -> None:
     if cfg.data.resolution != cfg.model.resolution:
         raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
     o = cfg.optim
-    accelerator = make_accelerator(o.mixed_precision, o.grad_accum)
+    accelerator = make_accelerator(o.mixed_precision, o.grad_accum, **tracking.accelerator_kwargs(cfg.log.tracker, run_dir))
     set_seed(o.seed, device_specific=False)  # identical init on every rank: the codebook must agree
 
     # Data first: a bad path fails here, before any model is built.
@@ -117,6 +118,7 @@ def main() -> None:
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", to_dict(cfg))
         write_json(run_dir / "data.json", {"train": train_set.describe(), "val": val_set.describe()})
+    tracking.start(accelerator, cfg.log.tracker, "tokenizer", to_dict(cfg))
 
     # model, optimizers, EMA; restored from the checkpoint on --resume
     model = VQModel(cfg.model)
@@ -152,6 +154,7 @@ def main() -> None:
             grid = (torch.cat([fixed, rec]) + 1) / 2
             save_image(grid, run_dir / f"recon_{state.step:07d}.png", nrow=len(fixed))
             save_image(grid, run_dir / "recon_latest.png", nrow=len(fixed))
+            tracking.log_image(accelerator, cfg.log.tracker, "reconstructions", make_grid(grid, nrow=len(fixed)), state.step)
             plot_usage(window_counts.cpu(), run_dir / "codebook_usage.png", title=f"codebook usage, steps up to {state.step}")
 
     bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,
@@ -210,6 +213,7 @@ def main() -> None:
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "perplexity", "window_codes_used") if k in record})
             if accelerator.is_main_process:
                 log.write(record)
+            tracking.log_scalars(accelerator, cfg.log.tracker, record, step)
         if step % cfg.log.image_every == 0 or step == o.steps:
             write_images()
             window_counts.zero_()
@@ -220,6 +224,7 @@ def main() -> None:
         if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
+            accelerator.end_training()
             return
     bar.close()
 
@@ -228,12 +233,14 @@ def main() -> None:
         metrics = evaluate(ema.model, val_set, cfg, accelerator.device)
         metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
         write_json(run_dir / "val_metrics.json", metrics)
+        tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",
                    title="codebook usage over the validation split (EMA weights)")
         skipped = train_set.num_skipped + val_set.num_skipped
         accelerator.print(f"tokenizer: step {state.step}, val PSNR {metrics['psnr']:.2f} dB, MSE {metrics['mse']:.5f}, "
                           f"perplexity {metrics['perplexity']:.1f}, codes used {metrics['codes_used']:.1%}"
                           + (f", {skipped} unreadable image(s) skipped" if skipped else "") + f" -> {run_dir}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ class LogConfig:
     image_every: int = 500
     ckpt_every: int = 500
     val_batches: int = 0  # batches of the validation split for the final metrics; 0 = the whole split
+    tracker: str = "none"  # also send metrics and image grids to "tensorboard", "wandb" or "aim" (log.jsonl stays)
 
     def __post_init__(self) -> None:
         for name in ("log_every", "image_every", "ckpt_every"):
             require(getattr(self, name) > 0, f"log.{name} must be positive, got {getattr(self, name)}")
         require(self.val_batches >= 0, f"log.val_batches must be >= 0, got {self.val_batches}")
+        require(self.tracker in ("none", "tensorboard", "wandb", "aim"),
+                f"log.tracker must be none, tensorboard, wandb or aim, got {self.tracker!r}")

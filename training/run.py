@@ -271,10 +271,11 @@ def check_replicas(accelerator: Any, module: torch.nn.Module) -> list[str]:
     return sums
 
 
-def make_accelerator(mixed_precision: str, grad_accum: int) -> Any:
+def make_accelerator(mixed_precision: str, grad_accum: int, **kwargs: Any) -> Any:
     """Accelerator for CPU / one GPU / many GPUs. Several processes without CUDA (torchrun or
-    ``accelerate launch --cpu``) run data-parallel on CPU with the gloo backend."""
+    ``accelerate launch --cpu``) run data-parallel on CPU with the gloo backend. ``kwargs``: the
+    tracker's (training.tracking.accelerator_kwargs)."""
     from accelerate import Accelerator
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu, **kwargs)
