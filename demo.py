@@ -5,7 +5,8 @@
 
 Stages (each one a script you can run yourself, each resumable): train_tokenizer.py -> pretokenize.py
 -> train_maskgit.py -> sample.py -> python -m eval (FID when the Inception weights are found,
-otherwise SWD, labelled as such) -> report.py. Everything goes to --run (default runs/demo).
+otherwise SWD, labelled as such; the samples, and as many real train images for the real-vs-real floor)
+-> report.py. Everything goes to --run (default runs/demo).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def stage(name: str, cmd: list[str]) -> None:
     print(f"== {name}: done in {time.time() - t:.0f} s", flush=True)
 
 
-def write_reference_images(tokenizer_run: Path, folder: Path, n: int) -> None:
-    """The tokenizer's validation split (same data config) as PNGs: the reference set for SWD / FID."""
+def write_reference_images(tokenizer_run: Path, folder: Path, n: int, split: str = "val") -> None:
+    """``n`` images of the tokenizer's ``split`` (same data config) as PNGs: the reference set for SWD / FID
+    ("val"), or real images scored against it for the real-vs-real floor ("train")."""
     import json
 
     from torchvision.utils import save_image
@@ -47,7 +49,7 @@ def write_reference_images(tokenizer_run: Path, folder: Path, n: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = from_dict(DataConfig, json.loads((tokenizer_run / "config.json").read_text())["data"])
-    dataset = build_dataset(cfg, "val", train=False)
+    dataset = build_dataset(cfg, split, train=False)
     for i in range(min(n, len(dataset))):
         save_image((dataset[i]["image"] + 1) / 2, folder / f"{i:05d}.png")
 
@@ -84,14 +86,19 @@ def main() -> None:
               "To get FID, put weights-inception-2015-12-05-6726825d.pth where the README says and re-run.")
     ref_images = run / "eval" / "reference_val"
     write_reference_images(tok, ref_images, s["ref_images"])
-    score = ["-m", "eval", "score", str(run / "samples"), "--ref-images", str(ref_images), "--run-dir", str(run / "eval"),
-             "--name", "generation", "--batch-size", str(s["eval_batch"])]
-    if have_fid:
-        ref = run / "eval" / "ref_val.npz"
-        stage("fid-ref", ["-m", "eval", "ref", "--images", str(ref_images), "--out", str(ref)])
-        stage("fid", [*score, "--ref", str(ref), "--metrics", "auto"])
-    else:
-        stage("swd", [*score, "--metrics", "swd"])
+    # the floor: as many real train images as samples, scored the same way (what a perfect model would get)
+    floor_images = run / "eval" / "real_train"
+    write_reference_images(tok, floor_images, s["samples"], split="train")
+    for name, images in (("generation", run / "samples"), ("floor", floor_images)):
+        score = ["-m", "eval", "score", str(images), "--ref-images", str(ref_images), "--run-dir", str(run / "eval"),
+                 "--name", name, "--batch-size", str(s["eval_batch"])]
+        if have_fid:
+            ref = run / "eval" / "ref_val.npz"
+            if not ref.exists():
+                stage("fid-ref", ["-m", "eval", "ref", "--images", str(ref_images), "--out", str(ref)])
+            stage(f"fid ({name})", [*score, "--ref", str(ref), "--metrics", "auto"])
+        else:
+            stage(f"swd ({name})", [*score, "--metrics", "swd"])
     stage("report", ["report.py", "--run", str(run)])
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min. Report: {run / 'report.md'} (and {run / 'index.html'})")
 

@@ -1,47 +1,97 @@
 """`make demo` end to end at a smaller size, and the README's commands against the Makefile."""
 import json
+import os
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
+import pytest
 from conftest import ROOT, run_script
 
 ARTEFACTS = ["report.md", "index.html", "report_metrics.json", "samples_grid.png", "curves_tokenizer.png",
              "curves_maskgit.png", "pca.png", "tokenizer/recon_latest.png", "tokenizer/codebook_usage_val.png",
-             "tokenizer/val_metrics.json", "maskgit/train_metrics.json", "eval/generation.json", "eval/generation.md"]
+             "tokenizer/val_metrics.json", "maskgit/train_metrics.json", "eval/generation.json", "eval/generation.md",
+             "eval/floor.json"]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _table(markdown: str, heading: str) -> dict[str, str]:
-    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^\| (\w+) \| ([^|]+) \|$", section, flags=re.M))
-
-
-def test_demo_pipeline_end_to_end(tmp_path):
-    run = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "demo"
     out = run_script(ROOT / "demo.py", "--scale", "smoke", "--run", run, timeout=600)
     assert "Report:" in out.stdout.splitlines()[-1]
+    return run
+
+
+def _rows(markdown: str, heading: str) -> dict[str, str]:
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| [^|]*\|$", section, flags=re.M))
+
+
+def test_demo_pipeline_end_to_end(demo_run):
+    run = demo_run
     for name in ARTEFACTS:
         assert (run / name).stat().st_size > 0, name
     assert len(list((run / "samples").glob("*.png"))) == 16
     report, metrics = (run / "report.md").read_text(), json.loads((run / "report_metrics.json").read_text())
     assert report.index("![") < report.index("## ")  # pictures before numbers
-    # every number in the report equals the one in its source JSON
-    from report import fmt
-    sources = {"## Tokenizer": json.loads((run / "tokenizer/val_metrics.json").read_text()),
-               "## MaskGIT": json.loads((run / "maskgit/train_metrics.json").read_text()),
-               "## Evaluation: generation": json.loads((run / "eval/generation.json").read_text())["metrics"]}
-    for heading, source in sources.items():
-        table = _table(report, heading)
-        shared = set(table) & set(source)
-        assert shared, heading
-        for key in shared:
-            assert table[key].strip() == fmt(source[key]), (heading, key)
-    assert metrics["tokenizer"]["psnr"] == sources["## Tokenizer"]["psnr"]
-    assert "SWD" in report and "not FID" not in report.split("## Evaluation")[0]
-    assert "No FID here" in report  # no Inception weights on the test machine: said plainly
+    # the numbers with their context, equal to their sources
+    val = json.loads((run / "tokenizer/val_metrics.json").read_text())
+    tok = _rows(report, "## Tokenizer")
+    used = sum(c > 0 for c in val["usage_counts"])
+    assert tok["PSNR"] == f"{val['psnr']:.2f} dB" and tok["codes used"] == f"{used} of 128 ({used / 128:.0%})"
+    assert _rows(report, "## MaskGIT")["training"] == "3 steps"
+    swd, floor = (json.loads((run / f"eval/{n}.json").read_text())["metrics"]["SWD_x1e3_mean"] for n in ("generation", "floor"))
+    assert _rows(report, "## Evaluation: generation")["SWD ×10³"] == f"{swd:.4g}" and f"floor {floor:.4g}" in report
+    assert metrics["tokenizer"]["psnr"] == val["psnr"]
+    assert "Inception weights" in report and "| FID | — |" in report  # no weights on the test machine: said plainly
     record = json.loads((run / "samples_grid.json").read_text())  # the grid's caption is what sample.py recorded
     assert f"EMA weights, {record['settings']['steps']} decoding steps, {record['settings']['schedule']}" in report
-    html = (run / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == report.count("![")
+    page = (run / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == report.count("![")
+    assert str(run) not in page and str(run) not in report  # paths relative to the run directory
+    assert "http://" not in page and "https://" not in page  # nothing fetched
+
+
+def test_report_in_a_browser(demo_run, tmp_path):
+    """Headless Chromium at laptop and phone size: every image decoded and shown at its intended size
+    (pictures upscaled by an integer factor, never squashed), pictures above the numbers, no horizontal
+    scrolling, no text overflowing its box, no network request."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("no Chromium browser (Debian: apt-get install chromium)")
+    shots = Path(os.environ.get("REPORT_SCREENSHOTS", tmp_path))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for name, width in (("laptop", 1280), ("phone", 390)):
+            page = browser.new_page(viewport={"width": width, "height": 800})
+            urls = []
+            page.on("request", lambda r: urls.append(r.url))
+            page.goto((demo_run / "index.html").as_uri(), wait_until="load")
+            images = page.eval_on_selector_all("img", """els => els.map(e => { const r = e.getBoundingClientRect();
+                return {ok: e.complete && e.naturalWidth > 0, nw: e.naturalWidth, nh: e.naturalHeight, w: r.width,
+                        h: r.height, top: r.top, want: +e.getAttribute('width'), scale: +e.dataset.scale,
+                        pixel: e.classList.contains('pixel'), box: e.parentElement.parentElement.clientWidth}; })""")
+            assert len(images) == 6 and all(i["ok"] for i in images), images
+            for i in images:
+                assert abs(i["w"] - min(i["want"], i["box"])) <= 1, (name, i)  # intended size, or the screen width
+                assert abs(i["h"] / i["w"] - i["nh"] / i["nw"]) < 0.02, (name, i)  # aspect kept
+            pictures = [i for i in images if i["pixel"]]
+            assert len(pictures) == 2 and all(i["scale"] >= 2 for i in pictures)  # 32x32 images: upscaled
+            if name == "laptop":
+                assert all(i["w"] == i["nw"] * i["scale"] for i in pictures)  # integer factor: sharp pixels
+            table_top = page.eval_on_selector("table", "t => t.getBoundingClientRect().top")
+            assert max(i["top"] for i in pictures) < table_top  # pictures first
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), name
+            overflow = page.evaluate("""[...document.querySelectorAll('h1,h2,th,td,figcaption,summary,pre')]
+                .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.tagName + ': ' + e.textContent.slice(0, 40))""")
+            assert not overflow, (name, overflow)
+            assert all(u.startswith(("file:", "data:")) for u in urls), urls
+            page.screenshot(path=str(shots / f"report_{name}.png"), full_page=True)
+        browser.close()
 
 
 def test_readme_commands_name_real_make_targets():
