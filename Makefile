@@ -18,7 +18,7 @@ MG_PRESET  ?= celeba64
 TOK_ARGS   ?=
 # extra key=value overrides for MaskGIT
 MG_ARGS    ?=
-# processes (GPUs) for accelerate launch
+# processes (GPUs) for accelerate launch; optim.batch_size is per process (global = batch x NPROC x grad_accum)
 NPROC      ?= 1
 # samples for FID
 N          ?= 10000
@@ -67,7 +67,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
-# The whole pipeline at tiny scale on built-in procedural faces (~10 minutes on 2 CPU cores).
+# The whole pipeline at tiny scale on built-in procedural faces (about 8 minutes on 2 CPU cores).
 demo: $(STAMP)
 	$(PY) demo.py --run runs/demo
 

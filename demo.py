@@ -1,6 +1,6 @@
 """The whole pipeline at tiny scale on the built-in procedural faces (no download), then a report.
 
-    python demo.py                      # `make demo`: about 10 minutes on 2 CPU cores
+    python demo.py                      # `make demo`: about 8 minutes on 2 CPU cores
     python demo.py --scale smoke        # seconds: the test suite's end-to-end check
 
 Stages (each one a script you can run yourself, each resumable): train_tokenizer.py -> pretokenize.py
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-# Steps and sizes per scale. "demo" is sized for ~10 minutes on 2 CPU cores.
+# Steps and sizes per scale. "demo" takes about 8 minutes on 2 idle CPU cores (8.1 min measured).
 SCALES = {
     "demo": dict(tok=["optim.steps=1000"], mg=["optim.steps=1200"], samples=1000, ref_images=400, eval_batch=100),
     "smoke": dict(tok=["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"],

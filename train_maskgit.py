@@ -113,7 +113,7 @@ def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfi
 
 
 def main() -> None:
-    p = base_parser(__doc__.splitlines()[1], PRESETS, "tiny")
+    p = base_parser(__doc__.splitlines()[0], PRESETS, "tiny")
     p.add_argument("--codes", help="code directory written by pretokenize.py (required)")
     p.add_argument("--tokenizer", help="the tokenizer checkpoint the codes were made with (required)")
     args = parse_run_args(p, PRESETS, "codes", "tokenizer")

@@ -104,7 +104,7 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
 
 
 def main() -> None:
-    args = parse_run_args(base_parser(__doc__.splitlines()[1], PRESETS, "tiny"), PRESETS)
+    args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS)
     run_dir, ckpt = open_run(args, "tokenizer")
     cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None)
     if cfg.data.resolution != cfg.model.resolution:

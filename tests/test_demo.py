@@ -104,3 +104,39 @@ def test_readme_commands_name_real_make_targets():
     assert dry.returncode == 0, dry.stderr
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make test" in readme
+
+
+def test_readme_flags_and_config_keys_exist():
+    """Every --flag of a README command is defined by that command, every key=value override is a config key
+    of a training script (with a value of the right type), every make VARIABLE= is a Makefile variable."""
+    import train_maskgit
+    import train_tokenizer
+    from core.config import apply_overrides, to_dict
+    from training.run import _flat
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
+    sources = {"train_tokenizer.py": ["train_tokenizer.py", "training/run.py"],
+               "train_maskgit.py": ["train_maskgit.py", "training/run.py"],
+               "sample.py": ["sample.py", "transformer/pipeline.py"], "export.py": ["export.py"],
+               "report.py": ["report.py"], "demo.py": ["demo.py"],
+               "-m eval": ["eval/__main__.py", "transformer/pipeline.py"]}
+    checked = 0
+    for line in blocks.splitlines():
+        m = re.search(r"python (-m eval|[\w/]+\.py)\b(.*?)(#|$)", line)
+        if not m:
+            continue
+        text = "".join((ROOT / f).read_text() for f in sources[m.group(1)])
+        for flag in re.findall(r"(?<![\w-])--[a-z][\w-]*", m.group(2)):
+            assert f'"{flag}"' in text, (flag, line)
+            checked += 1
+    assert checked >= 15
+    presets = (train_tokenizer.PRESETS["tiny"], train_maskgit.PRESETS["tiny"])
+    keys = [set(_flat(to_dict(p))) for p in presets]
+    for key, value in re.findall(r"\b((?:model|optim|data|log|loss|masking)\.[\w.]+)=([\w.]*)", readme):
+        owners = [p for p, k in zip(presets, keys) if key in k]
+        assert owners, key
+        if value and value.upper() != value:  # a concrete value (not a placeholder such as N): it must parse
+            apply_overrides(owners[0], [f"{key}={value}"])
+    variables = set(re.findall(r"^([A-Z_]+)\s*\?=", (ROOT / "Makefile").read_text(), flags=re.M))
+    assert set(re.findall(r"\b([A-Z_]{3,})=", blocks)) - {"TRACEBACK", "FID_INCEPTION_WEIGHTS"} <= variables

@@ -29,7 +29,11 @@ class RunError(UserError):
 
 
 def base_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """The training scripts' command line; --help lists every config key with the default preset's value."""
+    keys = "\n".join(f"  {k}={v}" for k, v in _flat(to_dict(presets[default_preset])).items())
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"config keys (key=value overrides; values of the {default_preset!r} preset, "
+                                       f"--print-config shows another preset's):\n{keys}")
     p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named configuration")
     p.add_argument("--run-dir", help="where checkpoints, logs and images go (required unless --print-config)")
     p.add_argument("--resume", action="store_true",
