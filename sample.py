@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from core.checkpoint import file_sha256
 from core.errors import UserError, main_guard
 from core.files import write_json
+from core.pretrained import weights_sha256
 from data import load_rgb, preprocess_uint8, to_float
 from transformer.pipeline import (
     SAMPLES_RECORD,
@@ -84,8 +84,8 @@ def main() -> None:
         init = tokenizer.encode(image)[1].view(1, -1)
         init_mask = token_mask(tokenizer, args.box, args.mask, args.outpaint).view(1, -1)
     kwargs = dict(attrs=attrs, init=init, init_mask=init_mask, **settings)
-    record = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": file_sha256(args.tokenizer),
-              "maskgit": str(args.maskgit), "maskgit_sha256": file_sha256(args.maskgit),
+    record = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": weights_sha256(args.tokenizer),
+              "maskgit": str(args.maskgit), "maskgit_sha256": weights_sha256(args.maskgit),
               "maskgit_weights": "raw" if args.raw_weights else "ema", "attrs": args.attrs,
               "inpaint": args.inpaint, "settings": settings}
     if args.grid:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from core.checkpoint import FORMAT, CheckpointError
+from core.checkpoint import FORMAT, CheckpointError, file_sha256
 from core.config import ConfigError, from_dict, to_dict
 from core.files import write_json
 
@@ -42,6 +42,11 @@ M = TypeVar("M", bound="Pretrained")
 def is_export(path: str | os.PathLike) -> bool:
     """True when ``path`` is an exported model folder (rather than a checkpoint or a run directory)."""
     return (Path(path) / WEIGHTS).is_file()
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """``file_sha256`` of a checkpoint, or of an exported folder's model.safetensors: what made a set of samples."""
+    return file_sha256(Path(path) / WEIGHTS if is_export(path) else path)
 
 
 def tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
