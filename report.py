@@ -145,7 +145,7 @@ def build(run: Path) -> tuple[list[Figure], dict[str, list[Row]], dict[str, str]
     if mg_val:
         chance = 1 / k_codes
         rows = [Row("training", f"{mg_val['step']:,} steps", f"wall time {wall_time(run / 'maskgit', 'train_metrics.json')}; "
-                                                             f"trained with the {decoding} default")]
+                                                             f"trained with the {decoding} (sampling default)")]
         if "val_accuracy" in mg_val:
             rows.insert(0, Row("masked-token accuracy", f"{mg_val['val_accuracy']:.3f}",
                                f"held-out code grids, mask ratios 0.25/0.5/0.75; chance 1/K = {chance:.3g}"))
