@@ -56,8 +56,10 @@ def images(b=2, side=32, seed=0):
     (dict(adversarial_start=-1), "adversarial_start"), (dict(disc_layers=0), "disc_layers"),
     (dict(disc_channels=2.5), "disc_channels"), (dict(disc_norm="layer"), "disc_norm")])
 def test_config_rejects_bad_values(bad, match):
-    with pytest.raises(ValueError, match=match):
-        LossConfig(**bad)
+    from core.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):  # types checked by from_dict, ranges by __post_init__
+        from_dict(LossConfig, bad, prefix="loss.")
 
 
 @pytest.mark.parametrize("recon", ["l1", "l2"])
