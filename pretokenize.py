@@ -55,7 +55,7 @@ def main() -> None:
     # everything is checked before the encoder runs
     ckpt = load_checkpoint(args.tokenizer, kind="tokenizer")
     tok_path, tok_sha = checkpoint_path(args.tokenizer), file_sha256(args.tokenizer)
-    if ckpt["config"]["model"]["vq"]["kind"] != "vector":
+    if ckpt["config"]["model"]["vq"]["kind"] in ("group", "residual"):
         raise CodeFileError("pretokenize: MaskGIT needs one token per position; this tokenizer uses a "
                             f"{ckpt['config']['model']['vq']['kind']} quantizer")
     if any(not o.startswith("data.") for o in args.overrides):

@@ -49,7 +49,7 @@ def pca_figure(run: Path, out: Path, max_images: int = 256) -> dict[str, Any]:
     dataset = build_dataset(from_dict(DataConfig, cfg["data"]), "val", train=False)
     x = torch.stack([dataset[i]["image"] for i in range(min(max_images, len(dataset)))])
     _, q, info = model.encode(x)
-    p = info["z"].permute(0, 2, 3, 1).reshape(-1, model.cfg.vq.code_dim)  # (N, d), after the input norm
+    p = info["z"].permute(0, 2, 3, 1).flatten(0, 2)  # (N, d), in the quantizer's space (after the input norm)
     c = model.quantizer.get_codebook()
     used = torch.zeros(model.num_codes, dtype=torch.bool)
     used[q.unique()] = True

@@ -55,7 +55,8 @@ from tokenizer import VQ_VARIANTS, VQConfig, load_tokenizer  # noqa: E402
 from tokenizer.config import variant_overrides  # noqa: E402
 
 LADDER = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
-VQ_KEYS = ("kmeans_init", "norm", "cb_norm", "replace_freq", "affine_lr", "inplace_lr", "inplace_momentum", "sync_nu", "beta")
+# Every VQ option but the sizes (which the preset sets), so that a variant of any kind is fully specified.
+VQ_KEYS = tuple(f.name for f in dataclasses.fields(VQConfig) if f.name not in ("num_codes", "code_dim"))
 # --quick: the budget that keeps one variant (startup, training, evaluation) near 1.5 minutes on 2 idle
 # CPU cores (~0.4 s per step of batch 32), so that `make bench` stays under 20 minutes. It is a short
 # budget: the EMA decay and warmup are shortened to match it (the preset's 0.99 EMA would still hold

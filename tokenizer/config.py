@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -9,15 +10,22 @@ import torch
 from torch import nn
 
 from core.config import require
+from tokenizer.fsq import MIN_LEVEL, FiniteScalarQuant, fsq_levels
 from tokenizer.group_residual import GroupVectorQuant, ResidualVectorQuant
+from tokenizer.lfq import LookupFreeQuant
 from tokenizer.quantizer import VectorQuant
+from tokenizer.simvq import SimVQ
+
+KINDS = ("vector", "group", "residual", "fsq", "lfq", "simvq")
 
 
 @dataclass
 class VQConfig:
-    """The VQ layer's options; names and formulas as in ``VectorQuant`` (docs/method.md section 2)."""
+    """The VQ layer's options; names and formulas as in ``VectorQuant`` (docs/method.md section 2) and, for the
+    other families (fsq, lfq, simvq, the rotation trick), in docs/quantizers.md. An option that a kind
+    does not use must keep its default (see ``_check_kind_options``)."""
 
-    kind: str = "vector"  # "vector", "group" or "residual"
+    kind: str = "vector"  # "vector", "group", "residual", "fsq", "lfq" or "simvq"
     num_codes: int = 1024
     code_dim: int = 32
     beta: float = 0.95
@@ -33,10 +41,14 @@ class VQConfig:
     inplace_momentum: float = 0.9
     groups: int = 1  # sub-vectors (group) or stages (residual)
     share: bool | None = None  # one codebook for all groups/stages; None: True for group, False for residual
+    rotation_trick: bool = False  # vector/group/residual/simvq: rotation trick instead of the STE for the encoder
+    levels: tuple[int, ...] = ()  # fsq: levels per channel, prod = num_codes; (): derived from num_codes
+    entropy_temperature: float = 0.01  # lfq: tau of the soft assignment softmax(-||z - c||^2 / tau)
+    sample_entropy_weight: float = 0.1  # lfq: weight of the mean per-sample entropy (lowered)
+    codebook_entropy_weight: float = 0.1  # lfq: weight of the entropy of the mean assignment (raised)
 
     def __post_init__(self) -> None:
-        require(self.kind in ("vector", "group", "residual"),
-                f"vq.kind must be 'vector', 'group' or 'residual', got {self.kind!r}")
+        require(self.kind in KINDS, f"vq.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         for name in ("num_codes", "code_dim", "groups"):
             require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
         require(self.inplace_lr >= 0, f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
@@ -46,6 +58,48 @@ class VQConfig:
         require(self.kind != "residual" or self.cb_norm is None,
                 "vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
                 "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
+        _check_kind_options(self)
+
+
+# What each kind cannot use, and why. The grids (fsq, lfq) have no learned codebook at all; SimVQ's
+# codebook rows are a frozen basis, so nothing may write or re-parameterize them.
+_CODEBOOK_ONLY = ("kmeans_init", "norm", "cb_norm", "affine_lr", "affine_groups", "running_affine", "sync_nu",
+                  "replace_freq", "inplace_lr", "rotation_trick", "groups")
+_NOT_USED = {
+    "vector": ("levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
+    "fsq": _CODEBOOK_ONLY + ("beta", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
+    "lfq": _CODEBOOK_ONLY + ("levels",),
+    "simvq": ("kmeans_init", "affine_lr", "affine_groups", "running_affine", "replace_freq", "inplace_lr", "groups",
+              "levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
+}
+_NOT_USED["group"] = _NOT_USED["residual"] = _NOT_USED["vector"]
+_WHY = {"vector": "they belong to kind=fsq/lfq", "fsq": "its codebook is a fixed grid and it has no auxiliary loss",
+        "lfq": "its codebook is a fixed grid of sign patterns", "simvq": "its codebook rows are a frozen basis"}
+
+
+def _check_kind_options(cfg: VQConfig) -> None:
+    """Refuse options that ``cfg.kind`` would ignore, and codebook sizes the grid kinds cannot make."""
+    cfg.levels = tuple(cfg.levels)
+    defaults = {f.name: f.default for f in dataclasses.fields(VQConfig)}
+    changed = [n for n in _NOT_USED[cfg.kind] if getattr(cfg, n) != defaults[n]]
+    fix = " ".join(f"vq.{n}={'none' if defaults[n] is None else str(defaults[n]).lower()}" for n in changed)
+    require(not changed, f"vq.kind={cfg.kind} does not use {', '.join('vq.' + n for n in changed)} "
+                         f"({_WHY.get(cfg.kind, _WHY['vector'])}); set {fix}")
+    require(all(v >= MIN_LEVEL for v in cfg.levels), f"vq.levels must all be >= {MIN_LEVEL} (2 levels round to "
+                                                     f"{{-1, 0}} only; use kind=lfq for binary codes), got {cfg.levels}")
+    require(cfg.kind != "fsq" or not cfg.levels or math.prod(cfg.levels) == cfg.num_codes,
+            f"vq.levels {cfg.levels} make {math.prod(cfg.levels)} codes but vq.num_codes is {cfg.num_codes}; "
+            f"set vq.num_codes={math.prod(cfg.levels)} (FSQ's codebook is the grid)")
+    if cfg.kind == "fsq" and not cfg.levels:
+        try:
+            fsq_levels(cfg.num_codes)
+        except ValueError as e:
+            require(False, f"vq.num_codes={cfg.num_codes}: {e}")
+    require(cfg.kind != "lfq" or cfg.num_codes & (cfg.num_codes - 1) == 0,
+            f"vq.kind=lfq needs vq.num_codes = 2^bits (one bit per channel), got {cfg.num_codes}")
+    require(cfg.entropy_temperature > 0 and cfg.sample_entropy_weight >= 0 and cfg.codebook_entropy_weight >= 0,
+            f"vq.entropy_temperature must be > 0 and the entropy weights >= 0, got "
+            f"{cfg.entropy_temperature}, {cfg.sample_entropy_weight}, {cfg.codebook_entropy_weight}")
 
 
 @dataclass
@@ -96,6 +150,13 @@ VQ_VARIANTS = {
     "opt": {**L2_REPLACE, **OPT},
     "opt_affine": {**L2_REPLACE, **AFFINE, **OPT},
     "all": ALL_FIXES,
+    # The other answers to collapse and gradient mismatch (docs/quantizers.md), each on its own so that a
+    # rung differs from "baseline" by one idea. FSQ's levels and LFQ's bits follow num_codes (128 codes:
+    # levels (8, 4, 4) or 7 bits; 512: (8, 8, 8) or 9 bits); LFQ's beta = 0.75 is VQ-VAE's commitment 0.25.
+    "fsq": dict(kind="fsq"),
+    "lfq": dict(kind="lfq", beta=0.75),
+    "rotation": dict(rotation_trick=True),
+    "simvq": dict(kind="simvq"),
 }
 
 
@@ -133,7 +194,17 @@ def build_quantizer(cfg: VQConfig) -> nn.Module:
     inplace = partial(torch.optim.SGD, lr=cfg.inplace_lr, momentum=cfg.inplace_momentum) if cfg.inplace_lr > 0 else None
     common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
                   affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
-                  sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1)
+                  sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1,
+                  rotation_trick=cfg.rotation_trick)
+    if cfg.kind == "fsq":
+        return FiniteScalarQuant(cfg.code_dim, cfg.levels or fsq_levels(cfg.num_codes), dim=1)
+    if cfg.kind == "lfq":
+        return LookupFreeQuant(cfg.code_dim, cfg.num_codes, beta=cfg.beta, temperature=cfg.entropy_temperature,
+                               sample_entropy_weight=cfg.sample_entropy_weight,
+                               codebook_entropy_weight=cfg.codebook_entropy_weight, dim=1)
+    if cfg.kind == "simvq":
+        return SimVQ(cfg.code_dim, cfg.num_codes, beta=cfg.beta, norm=cfg.norm, cb_norm=cfg.cb_norm,
+                     sync_nu=cfg.sync_nu, rotation_trick=cfg.rotation_trick, dim=1)
     if cfg.kind == "vector":
         return VectorQuant(cfg.code_dim, cfg.num_codes, **common)
     cls = GroupVectorQuant if cfg.kind == "group" else ResidualVectorQuant

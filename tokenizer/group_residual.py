@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokenizer.estimators import quantizer_output
 from tokenizer.quantizer import VectorQuant, _check_norm, check_input
 
 
@@ -69,13 +70,15 @@ class ResidualVectorQuant(nn.Module):
     Each stage is a full ``VectorQuant`` (own codebook, own in-place optimizer, own k-means init and
     dead-code replacement); ``share=True`` reuses one codebook for all stages. The straight-through
     estimator is applied once to the sum, so the encoder gets the task gradient g (not groups * g),
-    and with ``sync_nu`` each stage's code gets nu * g of the vectors assigned to it.
+    and with ``sync_nu`` each stage's code gets nu * g of the vectors assigned to it. ``rotation_trick``
+    likewise acts once, rotating z onto the summed code.
     ``norm="l2"`` normalizes the input once, before the first stage (normalizing residuals would
     change their scale and make the sum meaningless).
     """
 
     def __init__(self, feature_size: int, num_codes: int, groups: int = 2, share: bool = False,
-                 dim: int = -1, sync_nu: float = 0.0, norm: str | None = None, **vq_kwargs: Any) -> None:
+                 dim: int = -1, sync_nu: float = 0.0, norm: str | None = None, rotation_trick: bool = False,
+                 **vq_kwargs: Any) -> None:
         super().__init__()
         self.norm = _check_norm(norm, "norm")
         if share and (vq_kwargs.get("inplace_optimizer") is not None or vq_kwargs.get("replace_freq", 0) > 0):
@@ -86,6 +89,7 @@ class ResidualVectorQuant(nn.Module):
         if groups <= 0:
             raise ValueError(f"groups (number of residual stages) must be positive, got {groups}")
         self.groups, self.share, self.dim, self.sync_nu, self.feature_size = groups, share, dim, float(sync_nu), feature_size
+        self.rotation_trick = bool(rotation_trick)
         n = 1 if share else groups
         self.vqs = nn.ModuleList(VectorQuant(feature_size, num_codes, dim=-1, sync_nu=0.0, **vq_kwargs) for _ in range(n))
 
@@ -100,8 +104,7 @@ class ResidualVectorQuant(nn.Module):
             z_q = z_q + info["z_q"]  # carries the codebook gradients of every stage
             residual = residual - info["z_q"].detach()
             infos.append(info)
-        zq_d = z_q.detach()
-        out = zq_d + (z - z.detach()) + self.sync_nu * (z_q - zq_d)
+        out = quantizer_output(z, z_q, self.sync_nu, self.rotation_trick)
         merged = _merge_infos(infos, torch.stack([i["q"] for i in infos], -1))
         merged["d"] = residual.detach().square().sum(-1)  # distance of z to the summed code
         out = out.to(z_e.dtype).movedim(-1, self.dim)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from tokenizer.estimators import quantizer_output
 from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
 
 NORMS = (None, "l2")
@@ -20,6 +21,8 @@ NORMS = (None, "l2")
 
 class NonFiniteInputError(UserError):
     """The quantizer's input holds NaN/inf: the encoder diverged (training scripts catch this)."""
+
+
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -64,6 +67,10 @@ class VectorQuant(nn.Module):
     * Output (synchronized STE, nu = ``sync_nu``): ``z + sg(z_q - z) + nu*z_q - sg(nu*z_q)``, computed
       as ``sg(z_q) + (z - sg(z)) + nu*(z_q - sg(z_q))`` so the forward value is exactly z_q. The
       encoder gets the task gradient g; code k also gets nu * sum_{i: q_i = k} g_i.
+    * ``rotation_trick=True`` (Fifty et al., ICLR 2025; ``tokenizer/estimators.py``): the encoder gets
+      the task gradient rotated from z_q's direction onto z's and scaled by ||z_q|| / ||z|| instead of g
+      itself. It replaces only the encoder's path; ``sync_nu`` still gives the codes their nu * g, so
+      the two compose (forward value still exactly z_q).
 
     State changed during *training* forwards (all of it in buffers, so checkpoints carry it):
 
@@ -96,7 +103,7 @@ class VectorQuant(nn.Module):
                  norm: str | None = None, cb_norm: str | None = None, affine_lr: float = 0.0,
                  affine_groups: int = 1, sync_nu: float = 0.0, replace_freq: int = 0, dim: int = -1,
                  inplace_optimizer: OptimizerFactory | None = None, running_affine: bool = False,
-                 kmeans_iters: int = 10, chunk_elems: int = 2**24) -> None:
+                 kmeans_iters: int = 10, chunk_elems: int = 2**24, rotation_trick: bool = False) -> None:
         super().__init__()
         for name, v in (("feature_size", feature_size), ("num_codes", num_codes), ("affine_groups", affine_groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -121,6 +128,7 @@ class VectorQuant(nn.Module):
         self.affine_lr, self.affine_groups, self.running_affine = float(affine_lr), affine_groups, running_affine
         self.sync_nu, self.replace_freq, self.kmeans_init = float(sync_nu), replace_freq, kmeans_init
         self.kmeans_iters, self.chunk_elems = kmeans_iters, chunk_elems
+        self.rotation_trick = bool(rotation_trick)
 
         self.codebook = nn.Embedding(num_codes, feature_size)
         nn.init.normal_(self.codebook.weight, std=feature_size**-0.5)  # E||W_k|| ~ 1, like unit-scale z
@@ -224,7 +232,7 @@ class VectorQuant(nn.Module):
             codebook = F.mse_loss(zd, self.get_codebook(detach_weight=True)[q])
         loss = (1 - self.beta) * commitment + self.beta * codebook
         zq_d = z_q.detach()
-        out = zq_d + (z - zd) + self.sync_nu * (z_q - zq_d)
+        out = quantizer_output(z, z_q, self.sync_nu, self.rotation_trick)
 
         counts = code_histogram(q, self.num_codes)
         info = {
@@ -315,4 +323,5 @@ class VectorQuant(nn.Module):
         return (f"feature_size={self.feature_size}, num_codes={self.num_codes}, beta={self.beta}, norm={self.norm}, "
                 f"cb_norm={self.cb_norm}, affine_lr={self.affine_lr}, affine_groups={self.affine_groups}, "
                 f"running_affine={self.running_affine}, sync_nu={self.sync_nu}, replace_freq={self.replace_freq}, "
-                f"kmeans_init={self.kmeans_init}, inplace={'on' if self.inplace_optimizer else 'off'}")
+                f"kmeans_init={self.kmeans_init}, inplace={'on' if self.inplace_optimizer else 'off'}, "
+                f"rotation_trick={self.rotation_trick}")

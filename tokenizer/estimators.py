@@ -1,0 +1,50 @@
+"""Gradient estimators through a quantizer: how the task gradient reaches the encoder.
+
+The forward value of a quantizer's output is always the code z_q; what differs is the backward pass.
+``VectorQuant`` (and the layers built on it) compose their output as
+
+    out = sg(z_q) + (path(z) - sg(path(z))) + nu * (z_q - sg(z_q))
+
+so the value is exactly z_q (``a - sg(a)`` is exactly 0 for finite a), the encoder receives the
+gradient of ``path`` and each code receives ``nu`` times the task gradient of the vectors assigned to it
+(the synchronized STE of Huh et al. 2023). ``path(z) = z`` is the straight-through estimator (the
+encoder gets the task gradient g unchanged); ``path = rotate_onto`` is the rotation trick.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def quantizer_output(z: Tensor, z_q: Tensor, sync_nu: float = 0.0, rotation_trick: bool = False) -> Tensor:
+    """``sg(z_q) + (path(z) - sg(path(z))) + sync_nu * (z_q - sg(z_q))``: value z_q, gradients as above.
+
+    z, z_q: (N, d). ``rotation_trick=False`` is the (synchronized) straight-through estimator.
+    """
+    zq_d = z_q.detach()
+    path = rotate_onto(z, zq_d) if rotation_trick else z
+    return zq_d + (path - path.detach()) + sync_nu * (z_q - zq_d)
+
+
+def rotate_onto(z: Tensor, z_q: Tensor, eps: float = 1e-6) -> Tensor:
+    """The rotation trick (Fifty et al., ICLR 2025, "Restructuring Vector Quantization with the Rotation
+    Trick", section 4.2): ``lambda * R z`` with ``R`` and ``lambda`` treated as constants.
+
+    z, z_q: (N, d). With e = z/||z||, q = z_q/||z_q||, r = (e + q)/||e + q|| (all detached):
+    ``R = I - 2 r r^T + 2 q e^T`` is the rotation of the plane spanned by e and q that takes e onto q
+    (identity on its complement), and ``lambda = ||z_q|| / ||z||``, so the value is z_q (up to
+    rounding: use it only as a gradient path). Its backward pass gives the encoder
+    ``lambda * R^T g = lambda * (g - 2 r (r.g) + 2 e (q.g))``: the task gradient rotated by the angle
+    between z and its code and scaled by their norm ratio, instead of copied unchanged. The codes get
+    no gradient through this path (they are constants here).
+
+    Degenerate cases: ``eps`` keeps the norms away from 0. If e = -q exactly, r = 0 and R = I + 2 q e^T,
+    which still maps e onto q.
+    """
+    zd, zqd = z.detach(), z_q.detach()
+    z_norm, zq_norm = zd.norm(dim=-1, keepdim=True), zqd.norm(dim=-1, keepdim=True)
+    e, q = zd / z_norm.clamp_min(eps), zqd / zq_norm.clamp_min(eps)
+    r = F.normalize(e + q, dim=-1, eps=eps)
+    # R z = z - 2 r (r.z) + 2 q (e.z), one dot product each (never the (N, d, d) matrix)
+    rz = z - 2 * r * (r * z).sum(-1, keepdim=True) + 2 * q * (e * z).sum(-1, keepdim=True)
+    return rz * (zq_norm / z_norm.clamp_min(eps))
