@@ -67,17 +67,21 @@ def build(impl: str, d: int, k: int, device: str):
     return VectorQuantize(dim=d, codebook_size=k, **PEER_KWARGS).to(device).train()
 
 
-def step(impl: str, vq, z, g, autocast: bool):
+def forward(impl: str, vq, z):
+    """(output (N, d), loss, indices (N,)) of either layer."""
+    if impl == "ours":
+        out, info = vq(z)  # (N, d)
+        return out, info["loss"], info["q"]
+    out, q, loss = vq(z[None])  # the peer wants (B, N, d)
+    return out[0], loss, q[0]
+
+
+def step(impl: str, vq, z, g, autocast: bool, forward_fn=forward):
     """One forward + backward; returns the code indices."""
     import torch
 
     with torch.autocast(device_type=z.device.type, dtype=torch.bfloat16, enabled=autocast):
-        if impl == "ours":
-            out, info = vq(z)  # (N, d)
-            loss, q = info["loss"], info["q"]
-        else:
-            out, q, loss = vq(z[None])  # the peer wants (B, N, d)
-            out, q = out[0], q[0]
+        out, loss, q = forward_fn(impl, vq, z)
         total = loss + (out.float() * g).sum()
     total.backward()
     z.grad = None
@@ -114,12 +118,17 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "alloc" in str(e).lower() or "out of memory" in str(e).lower()
 
 
-def worker_mem(a: argparse.Namespace) -> dict:
+def tie_codebooks(layers: dict) -> None:
+    """Same codebook -> same assignments, same work."""
+    layers["peer"]._codebook.embed.copy_(layers["ours"].codebook.weight[None])
+
+
+def worker_mem(a: argparse.Namespace, build_fn=build, step_fn=step) -> dict:
     import torch
 
     cuda = a.device == "cuda"
-    vq = build(a.impl, a.d, a.k, a.device)
-    step(a.impl, vq, *inputs(256, a.d, a.device), cuda)  # wakes thread pools / allocators, not measured
+    vq = build_fn(a.impl, a.d, a.k, a.device)
+    step_fn(a.impl, vq, *inputs(256, a.d, a.device), cuda)  # wakes thread pools / allocators, not measured
     z, g = inputs(a.n, a.d, a.device)
     if cuda:
         torch.cuda.synchronize()
@@ -129,7 +138,7 @@ def worker_mem(a: argparse.Namespace) -> dict:
         before = proc_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     try:
-        step(a.impl, vq, z, g, cuda)
+        step_fn(a.impl, vq, z, g, cuda)
     except (RuntimeError, MemoryError) as e:
         if is_oom(e):
             return {"status": "OOM", "error": str(e).splitlines()[0][:200]}
@@ -142,7 +151,7 @@ def worker_mem(a: argparse.Namespace) -> dict:
     return {"status": "ok", "peak_mib": (peak - before) / 2**20}
 
 
-def worker_time(a: argparse.Namespace) -> dict:
+def worker_time(a: argparse.Namespace, build_fn=build, step_fn=step, tie_fn=tie_codebooks) -> dict:
     """Alternate ours / peer repetitions; a layer that fails (OOM) is dropped, the other goes on."""
     import torch
 
@@ -151,10 +160,10 @@ def worker_time(a: argparse.Namespace) -> dict:
     z, g = inputs(a.n, a.d, a.device)
     layers, result = {}, {}
     for impl in impls:
-        layers[impl] = build(impl, a.d, a.k, a.device)
-    if "ours" in layers and "peer" in layers:  # same codebook -> same assignments, same work
+        layers[impl] = build_fn(impl, a.d, a.k, a.device)
+    if "ours" in layers and "peer" in layers:
         with torch.no_grad():
-            layers["peer"]._codebook.embed.copy_(layers["ours"].codebook.weight[None])
+            tie_fn(layers)
     times: dict[str, list[float]] = {i: [] for i in impls}
     indices = {}
     for rep in range(a.reps + 1):  # rep 0 is the warm-up
@@ -163,7 +172,7 @@ def worker_time(a: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             try:
-                q = step(impl, layers[impl], z, g, cuda)
+                q = step_fn(impl, layers[impl], z, g, cuda)
             except (RuntimeError, MemoryError) as e:
                 if not is_oom(e):
                     raise
@@ -185,8 +194,9 @@ def worker_time(a: argparse.Namespace) -> dict:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
-def run_worker(args: argparse.Namespace, extra: list[str], timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device,
+def run_worker(args: argparse.Namespace, extra: list[str], timeout: float, script: str = __file__) -> dict:
+    """Run ``script --worker ...`` (this file by default) in a fresh process; its last stdout line is JSON."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--device", args.device,
            "--mem-limit-gib", str(args.mem_limit_gib), *extra]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -203,25 +213,28 @@ def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def add_measurement_args(p: argparse.ArgumentParser) -> None:
+    """Repetitions, limits, and the internal arguments of one measurement in a fresh process."""
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per layer (default: 3 quick, 5 full)")
+    p.add_argument("--mem-limit-gib", type=float, default=8.0,
+                   help="CPU: address-space budget of each subprocess above torch's own mappings")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    p.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument("--skip", nargs="*", default=[], help=argparse.SUPPRESS)
+    for name in ("n", "d", "k"):
+        p.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="a subset of the grid (the default)")
     grid.add_argument("--full", action="store_true", help="the full grid (tens of minutes on CPU)")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per layer (default: 3 quick, 5 full)")
-    p.add_argument("--mem-limit-gib", type=float, default=8.0,
-                   help="CPU: address-space budget of each subprocess above torch's own mappings")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     p.add_argument("--sizes", nargs="+", metavar="NxDxK", help="run only these sizes, e.g. 16384x64x1024")
     p.add_argument("--out", default="runs/bench/vq.json")
-    # internal: one measurement in a fresh process
-    p.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=("ours", "peer"), help=argparse.SUPPRESS)
-    p.add_argument("--skip", nargs="*", default=[], help=argparse.SUPPRESS)
-    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--d", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    add_measurement_args(p)
     a = p.parse_args()
 
     if a.worker:
@@ -270,12 +283,14 @@ def main() -> None:
     print(f"-> {out}")
 
 
-def measure(a: argparse.Namespace, n: int, d: int, k: int, reps: int) -> dict:
-    """Memory of each layer (a subprocess each), then both timed in turns (one subprocess)."""
-    size = ["--n", str(n), "--d", str(d), "--k", str(k)]
-    mem = {impl: run_worker(a, ["--worker", "mem", "--impl", impl, *size], a.timeout) for impl in ("ours", "peer")}
+def measure(a: argparse.Namespace, n: int, d: int, k: int, reps: int, script: str = __file__,
+            extra: tuple[str, ...] = ()) -> dict:
+    """Memory of each layer (a subprocess each), then both timed in turns (one subprocess).
+    ``script`` and ``extra`` select another bench's workers (bench_families.py)."""
+    size = ["--n", str(n), "--d", str(d), "--k", str(k), *extra]
+    mem = {impl: run_worker(a, ["--worker", "mem", "--impl", impl, *size], a.timeout, script) for impl in ("ours", "peer")}
     skip = [impl for impl in mem if mem[impl]["status"] != "ok"]  # known not to fit: do not retry
-    timing = run_worker(a, ["--worker", "time", "--reps", str(reps), *size, "--skip", *skip], a.timeout) \
+    timing = run_worker(a, ["--worker", "time", "--reps", str(reps), *size, "--skip", *skip], a.timeout, script) \
         if len(skip) < 2 else {}
     row = {"n": n, "d": d, "k": k}
     for impl in ("ours", "peer"):
@@ -286,20 +301,21 @@ def measure(a: argparse.Namespace, n: int, d: int, k: int, reps: int) -> dict:
     ours_ms, peer_ms = row["ours"]["ms"], row["peer"]["ms"]
     row["ratio_peer_over_ours"] = peer_ms / ours_ms if ours_ms and peer_ms else None
     row["index_agreement"] = timing.get("index_agreement")
-    print(f"  N={n} d={d} K={k}: ours {fmt(ours_ms, '.1f')} ms [{row['ours']['status']}], "
+    print(f"  {''.join(e + ' ' for e in extra)}N={n} d={d} K={k}: ours {fmt(ours_ms, '.1f')} ms [{row['ours']['status']}], "
           f"peer {fmt(peer_ms, '.1f')} ms [{row['peer']['status']}]", file=sys.stderr, flush=True)
     return row
 
 
-def table(rows: list[dict]) -> list[str]:
-    header = ("N", "d", "K", "ours ms", "peer ms", "peer/ours", "ours MiB", "peer MiB", "agree")
+def table(rows: list[dict], first: tuple[str, ...] = ()) -> list[str]:
+    """Markdown rows; ``first`` names row keys shown as leading columns (bench_families.py: the family)."""
+    header = (*first, "N", "d", "K", "ours ms", "peer ms", "peer/ours", "ours MiB", "peer MiB", "agree")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         def cell(impl: str, key: str, spec: str) -> str:
             v = r[impl][key]
             return fmt(v, spec) if r[impl]["status"] == "ok" or (key == "peak_mib" and v is not None) else r[impl]["status"]
         lines.append("| " + " | ".join([
-            f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", cell("ours", "ms", ".1f"), cell("peer", "ms", ".1f"),
+            *(str(r[key]) for key in first), f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", cell("ours", "ms", ".1f"), cell("peer", "ms", ".1f"),
             fmt(r["ratio_peer_over_ours"], ".2f"), cell("ours", "peak_mib", ".0f"), cell("peer", "peak_mib", ".0f"),
             fmt(r["index_agreement"], ".4f")]) + " |")
     return lines

@@ -128,3 +128,13 @@ def test_ladder_processes_share_runs_through_locks(tmp_path):
     dead.wait()
     (tmp_path / ".lock").write_text(str(dead.pid))
     assert claim(tmp_path) and (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
+
+
+def test_families_bench_one_size(tmp_path):
+    pytest.importorskip("vector_quantize_pytorch", reason="the peer is a bench-only dependency (make bench installs it)")
+    out = tmp_path / "families.json"
+    run_script(ROOT / "bench/bench_families.py", "--cases", "simvq:256x16x64", "--reps", "1", "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["family"], row["n"], row["d"], row["k"]) == ("simvq", 256, 16, 64)
+    assert row["ours"]["status"] == "ok" and row["peer"]["status"] == "ok"
+    assert row["index_agreement"] > 0.99  # the peer's basis and map were made ours: same assignments

@@ -72,10 +72,12 @@ class FiniteScalarQuant(GridQuant):
         lv = torch.tensor(levels, dtype=torch.int32)
         half_l = (lv - 1) * (1 + eps) / 2
         offset = torch.where(lv % 2 == 0, 0.5, 0.0)
-        for name, value in (("_levels", lv), ("_basis", torch.cumprod(torch.tensor((1,) + levels[:-1]), 0)),
+        basis = torch.cumprod(torch.tensor((1,) + levels[:-1]), 0)  # int64
+        # Constants of ``levels``, not state. Float copies keep the forward free of mixed-dtype ops.
+        for name, value in (("_levels", lv.long()), ("_basis", basis), ("_basis_f", basis.float()),
                             ("_half_l", half_l), ("_offset", offset), ("_shift", torch.atanh(offset / half_l)),
-                            ("_half_width", lv // 2)):
-            self.register_buffer(name, value, persistent=False)  # constants of ``levels``, not state
+                            ("_half_width", (lv // 2).float())):
+            self.register_buffer(name, value, persistent=False)
 
     def bound(self, z: Tensor) -> Tensor:
         """(..., c) -> (..., c), channel i in (-L_i/2, L_i/2)."""
@@ -84,7 +86,11 @@ class FiniteScalarQuant(GridQuant):
     def _grid(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b = self.bound(z)  # (N, c)
         rounded = b.detach().round()
-        q = ((rounded.long() + self._half_width) * self._basis).sum(-1)  # (N,)
+        digits = rounded + self._half_width  # 0..L-1
+        if self.num_codes <= 2**24:  # fp32 holds every integer below 2^24 exactly: the index is exact
+            q = (digits * self._basis_f).sum(-1).long()  # (N,)
+        else:
+            q = (digits.long() * self._basis).sum(-1)
         return b / self._half_width, rounded / self._half_width, q
 
     def grid_codes(self, indices: Tensor) -> Tensor:

@@ -21,7 +21,8 @@ class LookupFreeQuant(GridQuant):
     * Index: the bits ``c_i > 0`` read as a binary number with the *first* channel most significant
       (``q = sum_i [c_i > 0] 2^(b-1-i)``), as vector-quantize-pytorch does; ``grid_codes`` inverts it.
     * Soft assignment for the entropy terms: ``p(k | z) = softmax_k(-||z - c_k||^2 / tau)``, which equals
-      ``softmax_k(2 z.c_k / tau)`` because every ||c_k||^2 = b. tau = ``temperature``.
+      ``softmax_k(2 z.c_k / tau)`` because every ||c_k||^2 = b, and factorizes over the bits
+      (``entropies``). tau = ``temperature``.
     * ``loss = (1 - beta) * mean((z - sg(c))^2) + sample_entropy_weight * mean_n H(p(. | z_n))
       - codebook_entropy_weight * H(mean_n p(. | z_n))``, MAGVIT-v2's entropy penalty
       ``E[H(q(z))] - gamma H(E[q(z)])`` with gamma = codebook_entropy_weight / sample_entropy_weight.
@@ -30,9 +31,9 @@ class LookupFreeQuant(GridQuant):
       commitment weight 0.25.
 
     Entropies are exact (log-softmax, 0 log 0 = 0) where vector-quantize-pytorch clamps probabilities at
-    1e-5 inside the log; both agree wherever no probability is that small. The soft assignment is a
-    (N, K) matrix: memory O(N K), fine for the K <= 2^14 this project trains, not for MAGVIT-v2's 2^18
-    (which needs a factorized form). Under data parallelism the codebook entropy is that of each
+    1e-5 inside the log; both agree wherever no probability is that small. The mean assignment needs
+    an (N, K) matrix: memory O(N K), fine for the K <= 2^14 this project trains, not for MAGVIT-v2's
+    2^18 (which would need a sampled or chunked estimate). Under data parallelism the codebook entropy is that of each
     replica's batch (not all-reduced).
     """
 
@@ -61,11 +62,18 @@ class LookupFreeQuant(GridQuant):
         return torch.where(bits, 1.0, -1.0)
 
     def entropies(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean per-sample entropy, entropy of the mean assignment) of p(k | z) for z (N, b), in nats."""
-        log_p = F.log_softmax(z @ self.get_codebook().t() * (2 / self.temperature), dim=-1)  # (N, K)
-        p = log_p.exp()
-        sample = -(p * log_p).sum(-1).mean()
-        mean_p = p.mean(0)
+        """(mean per-sample entropy, entropy of the mean assignment) of p(k | z) for z (N, b), in nats.
+
+        softmax_k(2 z.c_k / tau) over c in {-1, 1}^b factorizes over the bits: bit i is +1 with
+        probability sigmoid(4 z_i / tau), independently. So the per-sample entropy is a sum of b binary
+        entropies (O(N b)), and log p(k | z) = sum_i log sigmoid(+-4 z_i / tau) is one matmul with the
+        bit patterns; only the mean assignment needs the (N, K) matrix.
+        """
+        a = z * (4 / self.temperature)  # (N, b)
+        log_pos, log_neg = F.logsigmoid(a), F.logsigmoid(-a)
+        sample = -(log_pos.exp() * log_pos + log_neg.exp() * log_neg).sum(-1).mean()
+        bits = (self.get_codebook() > 0).float()  # (K, b)
+        mean_p = (log_pos @ bits.t() + log_neg @ (1 - bits).t()).exp().mean(0)  # (K,)
         # 0 log 0 = 0 with a finite gradient: codes no sample reaches underflow to exactly 0 (xlogy's
         # gradient there is log 0 = -inf, which turns the whole backward pass into NaN)
         return sample, -(mean_p * mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny).log()).sum()
