@@ -1,5 +1,4 @@
 """Invariants of the other quantizer families: FSQ, LFQ, SimVQ and the rotation trick (docs/quantizers.md)."""
-import dataclasses
 import json
 import math
 
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, run_script
 from tokenizer import VQ_VARIANTS, VectorQuant, VQConfig, build_quantizer, load_tokenizer
+from tokenizer.config import variant_overrides
 from tokenizer.fsq import FiniteScalarQuant, fsq_levels
 from tokenizer.group_residual import ResidualVectorQuant
 from tokenizer.lfq import LookupFreeQuant
@@ -233,18 +233,11 @@ def test_config_refuses_options_a_kind_does_not_use(opts, match):
 
 
 # ---- the CLI: train_tokenizer.py with each family, pretokenize.py on one ---------------------------
-def _cli_overrides(name):
-    """Every VQ option: VQConfig's defaults updated with the variant (the tiny preset carries all fixes)."""
-    settings = {f.name: getattr(VQConfig(), f.name) for f in dataclasses.fields(VQConfig)} | VQ_VARIANTS[name]
-    del settings["num_codes"], settings["code_dim"]
-    return [f"model.vq.{k}={'none' if v is None else str(v).lower()}" for k, v in settings.items()]
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_train_tokenizer_with_each_family(name, tmp_path):
     run = tmp_path / "tok"
     run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", run, "optim.steps=1",
-               "data.num_images=32", "optim.batch_size=4", "log.val_batches=1", *_cli_overrides(name))
+               "data.num_images=32", "optim.batch_size=4", "log.val_batches=1", *variant_overrides(name))
     metrics = json.loads((run / "val_metrics.json").read_text())
     assert metrics["num_codes"] == 128 and 0 < metrics["codes_used"] <= 1
     model, cfg = load_tokenizer(run / "checkpoint.pt")
