@@ -152,9 +152,10 @@ VQ_VARIANTS = {
     "all": ALL_FIXES,
     # The other answers to collapse and gradient mismatch (docs/quantizers.md), each on its own so that a
     # rung differs from "baseline" by one idea. FSQ's levels and LFQ's bits follow num_codes (128 codes:
-    # levels (8, 4, 4) or 7 bits; 512: (8, 8, 8) or 9 bits); LFQ's beta = 0.75 is VQ-VAE's commitment 0.25.
+    # levels (8, 4, 4) or 7 bits; 512: (8, 8, 8) or 9 bits). Like every non-OPT rung they keep the default
+    # beta = 0.95 (for LFQ: commitment weight 0.05; beta = 0.75 would be VQ-VAE's 0.25).
     "fsq": dict(kind="fsq"),
-    "lfq": dict(kind="lfq", beta=0.75),
+    "lfq": dict(kind="lfq"),
     "rotation": dict(rotation_trick=True),
     "simvq": dict(kind="simvq"),
 }
