@@ -141,9 +141,10 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from importlib.metadata import version
+
     import torch
     import vector_quantize_pytorch  # noqa: F401  (fail here, not in every worker, if it is missing)
-    from importlib.metadata import version
 
     cases = [parse_case(c) for c in a.cases] if a.cases else FULL if a.full else QUICK
     reps = a.reps or (5 if a.full else 3)

@@ -315,7 +315,8 @@ def table(rows: list[dict], first: tuple[str, ...] = ()) -> list[str]:
             v = r[impl][key]
             return fmt(v, spec) if r[impl]["status"] == "ok" or (key == "peak_mib" and v is not None) else r[impl]["status"]
         lines.append("| " + " | ".join([
-            *(str(r[key]) for key in first), f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", cell("ours", "ms", ".1f"), cell("peer", "ms", ".1f"),
+            *(str(r[key]) for key in first), f"{r['n']:,}", str(r["d"]), f"{r['k']:,}",
+            cell("ours", "ms", ".1f"), cell("peer", "ms", ".1f"),
             fmt(r["ratio_peer_over_ours"], ".2f"), cell("ours", "peak_mib", ".0f"), cell("peer", "peak_mib", ".0f"),
             fmt(r["index_agreement"], ".4f")]) + " |")
     return lines

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, run_script
+
 from tokenizer import VQ_VARIANTS, VectorQuant, VQConfig, build_quantizer, load_tokenizer
 from tokenizer.config import variant_overrides
 from tokenizer.fsq import FiniteScalarQuant, fsq_levels
