@@ -103,6 +103,28 @@ def test_inpainting_keeps_known_tokens_and_schedules_the_region():
         assert fixed[b].tolist() == expected_fixed(n_gen, 6, "cosine")
 
 
+def test_on_step_shows_each_state_without_changing_the_output():
+    model = tiny()
+    region = torch.zeros(2, N, dtype=torch.bool)
+    region[:, 4:12] = True
+    init = torch.randint(0, K, (2, N), generator=gen(3))
+    kwargs = dict(steps=5, init_tokens=init, init_mask=region, return_history=True)
+    states = []
+    tokens, fixed = maskgit_decode(model, 2, gen(), on_step=lambda t, x, p: states.append((t, x, p)), **kwargs)
+    plain, _ = maskgit_decode(model, 2, gen(), **kwargs)
+    assert torch.equal(tokens, plain)  # observing draws nothing from the generator
+    assert [t for t, _, _ in states] == list(range(5)) and torch.equal(states[-1][1], tokens)
+    before = torch.where(region, K, init)
+    for t, x, predicted in states:
+        known = x != K
+        assert torch.equal(x[known], predicted[known]) and predicted.max() < K
+        assert torch.equal(x[~region], init[~region])  # kept tokens are never masked
+        was = before != K
+        assert torch.equal(x[was], before[was])  # fixed tokens never change
+        assert torch.equal((known & ~was).sum(1), fixed[:, t])  # the step fixed exactly num_fixed[t]
+        before = x
+
+
 def test_inpainting_argument_checks():
     model = tiny()
     with pytest.raises(ValueError, match="together"):

@@ -14,7 +14,7 @@ dropout and condition-dropping would use the global RNG).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ def maskgit_decode(
     init_tokens: Tensor | None = None,
     init_mask: Tensor | None = None,
     return_history: bool = False,
+    on_step: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Generate token grids (B, N) with T = `steps` MaskGIT decoding steps.
 
@@ -61,6 +62,10 @@ def maskgit_decode(
         step t floor(gamma((t + 1) / T) * N_gen) positions stay masked. (Measured against the full
         N, a small region would be fixed one token per step and then dumped at once.)
     return_history: also return num_fixed (B, T) long, the tokens fixed at each step.
+    on_step: called after each step t as on_step(t, tokens, predicted): tokens (B, N) is the grid
+        after step t (mask_id where still masked), predicted (B, N) the step's sample at every
+        position (= tokens where fixed). An observer for showing the decoding (the studio's
+        strip); it draws no random numbers, so the output is the same with or without it.
 
     Per step the count left masked is clipped to [1, masked_before - 1] until the last step, which
     fixes everything (see schedule.num_masked_decode): each step fixes at least one token while
@@ -102,6 +107,8 @@ def maskgit_decode(
         remask = ranks < n_keep[:, None]
         tokens = torch.where(remask, torch.full_like(sampled, mask_id), sampled)
         num_fixed.append(n_masked - n_keep)
+        if on_step is not None:
+            on_step(t, tokens, sampled)
 
     if return_history:
         return tokens, torch.stack(num_fixed, dim=1)  # (B, N), (B, T)
