@@ -40,6 +40,9 @@ BENCH_DATA ?=
 # bench/ladder.py: its data (default BENCH_DATA) and extra flags (e.g. --setting gpu64)
 LADDER_DATA ?= $(BENCH_DATA)
 LADDER_ARGS ?=
+# studio: address and port to serve on (binding other than 127.0.0.1 exposes the model, see README)
+HOST       ?= 127.0.0.1
+PORT       ?= 8000
 
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m accelerate.commands.launch --num_processes $(NPROC))
 TOK := $(RUN)/tokenizer/checkpoint.pt
@@ -50,7 +53,7 @@ CODES := $(RUN)/codes/codes.json
 need_data = $(if $(DATA),,$(error DATA is not set: give DATA=/path/to/celeba (or DATA=procedural for a toy run)))
 REF := $(RUN)/eval/ref_$(SPLIT)_$(RES).npz
 
-.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report export celeba bench ladder
+.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report export celeba bench ladder studio
 # The stages depend on each other's files on disk: never run two at once (make -j).
 .NOTPARALLEL:
 
@@ -110,6 +113,10 @@ report: $(STAMP)
 # Portable models (safetensors + config.json, EMA weights) in $(RUN)/export/{tokenizer,maskgit}.
 export: $(STAMP)
 	$(PY) export.py --tokenizer $(TOK) --maskgit $(MG) --out $(RUN)/export
+
+# A local web page on RUN's checkpoints: sample, guide, inpaint, outpaint (`make studio RUN=runs/demo`).
+studio: $(STAMP)
+	$(PY) -m studio --run $(RUN) --host $(HOST) --port $(PORT)
 
 # The full CelebA-64 recipe, stage after stage (each stage resumable).
 celeba: tokenizer maskgit sample fid-ref fid rfid report

@@ -1,0 +1,56 @@
+"""Start the studio: `python -m studio --run runs/demo`, then open the printed address."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from training.run import RunError, main_guard
+
+from .engine import Engine
+from .server import StudioServer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m studio", description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=None, help="run directory holding tokenizer/checkpoint.pt and maskgit/checkpoint.pt")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (instead of --run)")
+    p.add_argument("--maskgit", default=None, help="MaskGIT checkpoint (instead of --run)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the "
+                   "model to the network without authentication (see the README)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--raw-weights", action="store_true", help="use raw instead of EMA weights")
+    args = p.parse_args()
+    if args.run and (args.tokenizer or args.maskgit):
+        p.error("give --run or --tokenizer/--maskgit, not both")
+    if args.run:
+        tokenizer, maskgit = Path(args.run) / "tokenizer" / "checkpoint.pt", Path(args.run) / "maskgit" / "checkpoint.pt"
+    elif args.tokenizer and args.maskgit:
+        tokenizer, maskgit = Path(args.tokenizer), Path(args.maskgit)
+    else:
+        p.error("give --run RUN_DIR, or both --tokenizer and --maskgit")
+    for path in (tokenizer, maskgit):
+        if not path.is_file():
+            raise RunError(f"{path} not found" + (f": is {args.run} a finished run (e.g. `make demo`)?" if args.run else ""))
+
+    engine = Engine.from_paths(tokenizer, maskgit, ema=not args.raw_weights, device=args.device)
+    try:
+        server = StudioServer(engine, args.host, args.port)
+    except OSError as e:
+        raise RunError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; try another --port") from None
+    if not server.loopback:
+        print(f"studio: WARNING: listening on {args.host}: anyone who can reach this address can use the model; "
+              "there is no authentication")
+    print(f"studio: {engine.source} on {engine.device}\nstudio: open {server.url}  (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main_guard(main)

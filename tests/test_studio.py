@@ -1,0 +1,242 @@
+"""The studio: its JSON API on a real server with the tiny checkpoints (errors included), and the
+page driven in headless Chromium: generate, draw a box, inpaint."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from PIL import Image
+
+from studio.api import RequestError
+from studio.engine import Engine
+from studio.server import MAX_BODY, StudioServer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_runs):
+    """A studio on a free localhost port, serving the tiny conditional pair (32x32 px, 8x8 tokens)."""
+    srv = StudioServer(Engine.from_paths(tiny_runs["tokenizer"], tiny_runs["maskgit"]), "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(server, path, body=None, raw=None, headers=None):
+    """(status, JSON answer) of one request."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url.rstrip("/") + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def pixels(data_url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+
+
+def png_url(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def outside(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The pixels of (R, R, 3) outside the square [lo, hi)^2."""
+    keep = np.ones(a.shape[:2], dtype=bool)
+    keep[lo:hi, lo:hi] = False
+    return a[keep]
+
+
+def test_generate_is_sample_py_with_a_strip(server):
+    from sample import generate
+    status, a = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
+    assert status == 200 and len(a["images"]) == 3
+    _, b = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
+    _, c = post(server, "/api/generate", {"n": 3, "seed": 8, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
+    assert [x["png"] for x in a["images"]] == [x["png"] for x in b["images"]]
+    assert [x["png"] for x in a["images"]] != [x["png"] for x in c["images"]]
+    # the same pictures as sample.py's generate with the same seed and settings
+    e = server.engine
+    cond = {"attrs": torch.tensor([[1, 0, 0, 0, 0]]).expand(3, -1)}
+    ref = next(generate(e.tokenizer, e.model, 3, 3, seed=7, steps=6, cond=cond, cfg_scale=1.5, progress=False))
+    for got, want in zip(a["images"], ref):
+        assert np.array_equal(pixels(got["png"]), want.permute(1, 2, 0).numpy())
+        assert len(got["tokens"]) == 64 and 0 <= min(got["tokens"]) and max(got["tokens"]) < 128
+        fixed = got["fixed"]  # known tokens after each step: grows to all 64
+        assert len(fixed) == 6 and fixed == sorted(set(fixed)) and fixed[-1] == 64
+        strip = pixels(got["strip"])  # six 32x32 frames, each followed by a white column
+        assert strip.shape == (32, 6 * 33, 3) and (strip[:, 32::33] == 255).all()
+        last = strip[:, 5 * 33 : 5 * 33 + 32]  # the last frame is the sample itself
+        assert np.array_equal(last, pixels(got["png"]))
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "outpaint"])
+def test_edit_changes_only_the_marked_tokens(server, mode):
+    _, gen = post(server, "/api/generate", {"n": 1, "seed": 3})
+    sample = gen["images"][0]
+    before = pixels(sample["png"])
+    # box [9, 23) touches tokens 2..5 (pixels 8..23); it holds tokens 3..4 (pixels 12..19) whole
+    status, out = post(server, "/api/edit", {"image": sample["png"], "tokens": sample["tokens"], "box": [9, 9, 23, 23],
+                                             "mode": mode, "seed": 5})
+    assert status == 200, out
+    after, region = pixels(out["images"][0]["png"]), np.array(out["region"], dtype=bool)
+    tokens_before, tokens_after = np.array(sample["tokens"]), np.array(out["images"][0]["tokens"])
+    expected = np.zeros((8, 8), dtype=bool)
+    if mode == "inpaint":
+        expected[2:6, 2:6] = True
+        assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))  # bit for bit
+        changed = (after[8:24, 8:24] != before[8:24, 8:24]).any(-1).mean()
+    else:
+        expected[:] = True
+        expected[3:5, 3:5] = False
+        assert np.array_equal(after[12:20, 12:20], before[12:20, 12:20])
+        changed = (outside(after, 12, 20) != outside(before, 12, 20)).any(-1).mean()
+    assert np.array_equal(region, expected)
+    assert np.array_equal(tokens_after[~expected.ravel()], tokens_before[~expected.ravel()])
+    assert changed > 0.3  # the region is new (random tiny models: new tokens differ almost everywhere)
+    # the same region as a painted mask, and the same picture as an upload (no tokens: encoded)
+    mask = np.zeros((32, 32, 3), dtype=np.uint8)
+    mask[9:23, 9:23] = 255
+    status, masked = post(server, "/api/edit", {"image": sample["png"], "tokens": sample["tokens"], "mask": png_url(mask),
+                                                "mode": mode, "seed": 5})
+    assert status == 200 and masked["images"][0]["png"] == out["images"][0]["png"]
+    status, upload = post(server, "/api/edit", {"image": sample["png"], "box": [9, 9, 23, 23], "mode": mode})
+    assert status == 200 and upload["region"] == out["region"]
+    if mode == "inpaint":
+        assert np.array_equal(outside(pixels(upload["images"][0]["png"]), 8, 24), outside(before, 8, 24))
+
+
+def bad_requests():
+    """(name, path, body or raw bytes, extra headers, status, words the error must contain)."""
+    ok = png_url(np.zeros((32, 32, 3), dtype=np.uint8))
+    big = png_url(np.zeros((4096, 4096, 3), dtype=np.uint8))  # compresses to a few kB: refused by size
+    edit = {"image": ok, "tokens": [0] * 64}
+    return [
+        ("malformed", "/api/generate", b'{"n": 2,', {}, 400, "malformed JSON"),
+        ("not-object", "/api/generate", [1, 2], {}, 400, "must be a JSON object"),
+        ("unknown-field", "/api/generate", {"n": 2, "sed": 1}, {}, 400, "unknown field(s) sed"),
+        ("n-zero", "/api/generate", {"n": 0}, {}, 400, "n must lie in [1, 16]"),
+        ("steps-string", "/api/generate", {"steps": "8"}, {}, 400, "steps must be an integer"),
+        ("seed-bool", "/api/generate", {"seed": True}, {}, 400, "seed must be an integer"),
+        ("negative-temperature", "/api/generate", {"temperature": -1}, {}, 400, "temperature must lie in"),
+        ("unknown-attribute", "/api/generate", {"attrs": {"wings": 1}}, {}, 400, "unknown attribute(s) wings"),
+        ("attribute-value", "/api/generate", {"attrs": {"smiling": 2}}, {}, 400, "attrs.smiling must be 0 or 1"),
+        ("cfg-without-attrs", "/api/generate", {"cfg": 2.0}, {}, 400, "cfg > 0 needs 'attrs'"),
+        ("box-outside", "/api/edit", {**edit, "box": [0, 0, 33, 10]}, {}, 400, "outside the 32x32 image"),
+        ("box-empty", "/api/edit", {**edit, "box": [5, 5, 5, 9]}, {}, 400, "is empty"),
+        ("box-floats", "/api/edit", {**edit, "box": [0.5, 0, 3, 3]}, {}, 400, "four integers"),
+        ("box-and-mask", "/api/edit", {**edit, "box": [0, 0, 3, 3], "mask": ok}, {}, 400, "exactly one of"),
+        ("no-region", "/api/edit", edit, {}, 400, "exactly one of"),
+        ("mask-wrong-size", "/api/edit", {**edit, "mask": png_url(np.zeros((64, 64, 3), np.uint8))}, {}, 400,
+         "mask is 64x64 pixels; this model works on 32x32"),
+        ("mask-huge", "/api/edit", {**edit, "mask": big}, {}, 400, "mask is 4096x4096"),
+        ("upload-huge", "/api/edit", {"image": big, "box": [0, 0, 3, 3]}, {}, 400, "at most 2048 per side"),
+        ("mask-base64", "/api/edit", {**edit, "mask": "data:image/png;base64,@@@"}, {}, 400, "invalid base64"),
+        ("mask-not-image", "/api/edit", {**edit, "mask": "data:image/png;base64," + base64.b64encode(b"hello").decode()},
+         {}, 400, "not a readable image"),
+        ("tokens-range", "/api/edit", {**edit, "tokens": [128] * 64, "box": [0, 0, 3, 3]}, {}, 400, "in [0, 128)"),
+        ("tokens-length", "/api/edit", {**edit, "tokens": [0] * 63, "box": [0, 0, 3, 3]}, {}, 400, "list of 64"),
+        ("outpaint-everything", "/api/edit", {**edit, "box": [1, 1, 3, 3], "mode": "outpaint"}, {}, 400, "every token"),
+        ("mode", "/api/edit", {**edit, "box": [0, 0, 3, 3], "mode": "paint"}, {}, 400, "mode must be one of"),
+        ("too-large", "/api/edit", b" " * (MAX_BODY + 1), {}, 413, "byte limit"),
+        ("content-type", "/api/generate", {}, {"Content-Type": "text/plain"}, 415, "application/json"),
+        ("endpoint", "/api/paint", {}, {}, 404, "no such endpoint"),
+        ("host", "/api/generate", {}, {"Host": "attacker.example:80"}, 403, "only answers to localhost"),
+    ]
+
+
+def test_bad_requests_get_one_line_json_errors_and_the_server_keeps_serving(server):
+    for name, path, body, headers, want_status, words in bad_requests():
+        raw = body if isinstance(body, bytes) else None
+        status, answer = post(server, path, None if raw else body, raw=raw, headers=headers)
+        assert (status, list(answer)) == (want_status, ["error"]), name
+        assert words in answer["error"] and "\n" not in answer["error"], (name, answer["error"])
+    status, answer = post(server, "/api/generate", {"n": 1})
+    assert status == 200 and len(answer["images"]) == 1
+    for path in ("static/../api.py", "static/api.py", "static/%2e%2e/api.py"):  # only the page's own files
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + path, timeout=10)
+        assert e.value.code == 404, path
+
+
+def test_an_unconditional_model_refuses_attributes(server):
+    from transformer import MaskGIT, MaskGITConfig
+    e = server.engine
+    torch.manual_seed(0)
+    model = MaskGIT(MaskGITConfig(num_codes=128, grid=(8, 8), dim=32, depth=1, heads=2)).eval()
+    engine = Engine(e.tokenizer, model, {"train": {"masking": {"schedule": "cosine"}}})
+    assert engine.describe()["conditional"] is False
+    with pytest.raises(RequestError, match="without attribute conditioning"):
+        engine.generate({"attrs": {"smiling": 1}})
+    assert len(engine.generate({"n": 2, "steps": 2})["images"]) == 2
+
+
+def test_cli_refuses_a_run_without_checkpoints(tmp_path):
+    out = run_script("-m", "studio", "--run", tmp_path, "--port", "0", check=False, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "make demo" in out.stderr
+
+
+def chromium() -> str:
+    """The system Chromium (Debian's `chromium` package); Playwright's own download is never used."""
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium found (Debian: apt-get install chromium): the browser test needs one")
+
+
+def test_page_generates_and_inpaints_a_box_in_chromium(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    executable = chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+        page.goto(server.url)
+        sync_api.expect(page.locator("#status")).to_contain_text("samples in", timeout=30_000)  # sampled on load
+        page.fill("#seed", "11")
+        page.fill("#n", "4")
+        page.click("#generate")
+        sync_api.expect(page.locator("#status")).to_contain_text("seed 11", timeout=30_000)
+        assert page.locator("#grid .thumb").count() == 4
+        page.click("#grid .thumb >> nth=2")
+        before_url = page.get_attribute("#download", "href")
+        assert page.locator("#strip figure").count() == 8 and page.inner_text("#strip figure >> nth=7") == "8: 64/64"
+
+        # drag a box over pixels 9..22 of the 32x32 picture: tokens 2..5, pixels 8..23
+        view = page.locator("#view").bounding_box()
+        at = lambda x, y: (view["x"] + (x + 0.5) * view["width"] / 32, view["y"] + (y + 0.5) * view["height"] / 32)
+        page.mouse.move(*at(9, 9))
+        page.mouse.down()
+        page.mouse.move(*at(15, 15))
+        page.mouse.move(*at(22, 22))
+        page.mouse.up()
+        page.click("#regenerate")
+        sync_api.expect(page.locator("#status")).to_contain_text("inpainted in", timeout=30_000)
+        after_url = page.get_attribute("#download", "href")
+        before, after = pixels(before_url), pixels(after_url)
+        assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))
+        assert (after[8:24, 8:24] != before[8:24, 8:24]).any(-1).mean() > 0.3
+        page.click("#undo")
+        assert page.get_attribute("#download", "href") == before_url
+        browser.close()
+    assert not problems, problems
