@@ -6,6 +6,8 @@ import base64
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -13,12 +15,13 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT
 from PIL import Image
 
 from studio.api import RequestError
 from studio.engine import Engine
 from studio.server import MAX_BODY, StudioServer
+from training.run import main_guard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -189,9 +192,28 @@ def test_an_unconditional_model_refuses_attributes(server):
     assert len(engine.generate({"n": 2, "steps": 2})["images"]) == 2
 
 
-def test_cli_refuses_a_run_without_checkpoints(tmp_path):
-    out = run_script("-m", "studio", "--run", tmp_path, "--port", "0", check=False, timeout=120)
-    assert out.returncode == 2 and out.stderr.startswith("error: ") and "make demo" in out.stderr
+def test_cli_serves_and_refuses_a_run_without_checkpoints(tiny_runs, tmp_path, monkeypatch, capsys):
+    from studio.__main__ import main
+    monkeypatch.setattr(sys, "argv", ["studio", "--run", str(tmp_path), "--port", "0"])
+    with pytest.raises(SystemExit) as e:
+        main_guard(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "make demo" in err
+    run = tmp_path / "run"  # the layout `make demo` writes
+    for part, path in (("tokenizer", tiny_runs["tokenizer"]), ("maskgit", tiny_runs["maskgit"])):
+        (run / part).mkdir(parents=True)
+        (run / part / "checkpoint.pt").symlink_to(path)
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "--run", str(run), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        url = lines[1].split("open ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "api/info", timeout=30) as r:
+            assert json.loads(r.read())["grid"] == [8, 8]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def chromium() -> str:
