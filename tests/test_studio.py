@@ -258,6 +258,18 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         before, after = pixels(before_url), pixels(after_url)
         assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))
         assert (after[8:24, 8:24] != before[8:24, 8:24]).any(-1).mean() > 0.3
+        # a brush stroke along row 4 (radius 2.5 px: rows 2..6) marks the top row of tokens, pixels 0..7
+        page.check("input[name=tool][value=brush]")
+        page.mouse.move(*at(2, 4))
+        page.mouse.down()
+        page.mouse.move(*at(30, 4), steps=2)  # events at x = 16, 30 only: the page fills the gaps
+        page.mouse.up()
+        page.click("#regenerate")
+        sync_api.expect(page.locator("#edit-seed")).to_have_value("3", timeout=30_000)  # done: seed 1, 2 used
+        brushed = pixels(page.get_attribute("#download", "href"))
+        assert np.array_equal(brushed[8:], after[8:])
+        assert all((brushed[:8, x : x + 4] != after[:8, x : x + 4]).any() for x in range(0, 32, 4))  # every token
+        page.click("#undo")
         page.click("#undo")
         assert page.get_attribute("#download", "href") == before_url
         browser.close()

@@ -11,6 +11,7 @@ const state = {
   mask: null,      // Uint8Array(R * R), 1 = marked
   box: null,       // [x0, y0, x1, y1] when the mark is one box, else null (a painted mask)
   drag: null,      // pixel where the pointer went down
+  last: null,      // the brush's previous pixel in this stroke
   busy: false,
 };
 
@@ -143,15 +144,23 @@ function mark(event) {
     state.mask.fill(0);
     for (let j = state.box[1]; j < state.box[3]; j++) state.mask.fill(1, j * r + state.box[0], j * r + state.box[2]);
   } else {
-    const radius = Number($("brush").value);
+    if (state.box) state.mask.fill(0);  // a stroke after a box starts a new mask
     state.box = null;
-    for (let j = Math.max(0, y - radius); j <= Math.min(r - 1, y + radius); j++) {
-      for (let i = Math.max(0, x - radius); i <= Math.min(r - 1, x + radius); i++) {
-        if ((i - x) ** 2 + (j - y) ** 2 <= radius * radius) state.mask[j * r + i] = 1;
-      }
-    }
+    const [px, py] = state.last || [x, y];  // paint along the segment, so fast strokes leave no gaps
+    const n = Math.max(Math.abs(x - px), Math.abs(y - py), 1);
+    for (let k = 0; k <= n; k++) dab(Math.round(px + (x - px) * k / n), Math.round(py + (y - py) * k / n));
+    state.last = [x, y];
   }
   draw();
+}
+
+function dab(x, y) {
+  const r = state.info.resolution, radius = Number($("brush").value) - 0.5;
+  for (let j = Math.max(0, Math.floor(y - radius)); j <= Math.min(r - 1, y + radius); j++) {
+    for (let i = Math.max(0, Math.floor(x - radius)); i <= Math.min(r - 1, x + radius); i++) {
+      if ((i - x) ** 2 + (j - y) ** 2 <= radius * radius) state.mask[j * r + i] = 1;
+    }
+  }
 }
 
 function maskDataURL() {
@@ -277,7 +286,7 @@ async function start() {
     mark(e);
   });
   view.addEventListener("pointermove", (e) => { if (state.drag) mark(e); });
-  view.addEventListener("pointerup", () => { state.drag = null; updateButtons(); });
+  view.addEventListener("pointerup", () => { state.drag = state.last = null; updateButtons(); });
   status("ready");
   generate();
 }
