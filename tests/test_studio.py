@@ -69,7 +69,7 @@ def outside(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 
 def test_generate_is_sample_py_with_a_strip(server):
-    from sample import generate
+    from studio.engine import generate  # sample.py's, through the studio's one import of it
     status, a = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
     assert status == 200 and len(a["images"]) == 3
     _, b = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
