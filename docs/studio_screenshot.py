@@ -4,7 +4,7 @@
 
 Times are medians of 5 requests each (wall time of the HTTP round trip and the model time the
 server reports) on this machine's CPU or GPU. The page is driven in headless Chromium (Debian's
-`chromium` through the playwright package): sample 12 faces, inpaint a box on one, mark another box.
+`chromium` through the playwright package): sample 12 faces, inpaint the lower face of one, then mark a box over its hair.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def screenshot(server: StudioServer, out: Path, seed: int, pick: int) -> None:
         drag_box(0.26, 0.56, 0.74, 0.84)  # the lower face: regenerate it
         page.click("#regenerate")
         expect(page.locator("#status")).to_contain_text("inpainted", timeout=600_000)
-        drag_box(0.26, 0.56, 0.74, 0.84)  # mark it again, so the picture shows what a box looks like
+        drag_box(0.22, 0.1, 0.78, 0.3)  # mark the hair, so the picture also shows what a box looks like
         page.wait_for_timeout(300)
         page.screenshot(path=str(out))
         browser.close()

@@ -117,7 +117,7 @@ function draw() {
     ctx.clearRect(0, 0, view.width, view.height);
     ctx.drawImage(img, 0, 0, view.width, view.height);
     const overlay = new ImageData(r, r);
-    state.mask.forEach((on, i) => { if (on) overlay.data.set([255, 70, 70, 120], 4 * i); });
+    state.mask.forEach((on, i) => { if (on) overlay.data.set([255, 60, 60, 100], 4 * i); });
     const small = document.createElement("canvas");
     small.width = small.height = r;
     small.getContext("2d").putImageData(overlay, 0, 0);
