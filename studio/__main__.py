@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from training.run import RunError, main_guard
-
-from .engine import Engine
-from .server import StudioServer
+from core.errors import UserError, main_guard
+from studio.engine import Engine
+from studio.server import StudioServer
 
 
 def main() -> None:
@@ -33,13 +32,13 @@ def main() -> None:
         p.error("give --run RUN_DIR, or both --tokenizer and --maskgit")
     for path in (tokenizer, maskgit):
         if not path.is_file():
-            raise RunError(f"{path} not found" + (f": is {args.run} a finished run (e.g. `make demo`)?" if args.run else ""))
+            raise UserError(f"{path} not found" + (f": is {args.run} a finished run (e.g. `make demo`)?" if args.run else ""))
 
     engine = Engine.from_paths(tokenizer, maskgit, ema=not args.raw_weights, device=args.device)
     try:
         server = StudioServer(engine, args.host, args.port)
     except OSError as e:
-        raise RunError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; try another --port") from None
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}; try another --port") from None
     if not server.loopback:
         print(f"studio: WARNING: listening on {args.host}: anyone who can reach this address can use the model; "
               "there is no authentication")

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
+from core.errors import UserError
 from data import preprocess_uint8, to_rgb
 
 MAX_SAMPLES = 16
@@ -36,7 +37,7 @@ MAX_IMAGE_SIDE = 2048  # an uploaded picture larger than this is refused before 
 MODES = ("inpaint", "outpaint")
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request the studio refuses; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 400) -> None:
@@ -52,6 +53,7 @@ class ModelInfo:
     grid: tuple[int, int]
     num_codes: int
     attr_names: tuple[str, ...]  # empty for an unconditional model
+    default_steps: int = 8  # decoding steps T when a request names none: the model's trained setting
 
     @property
     def seq_len(self) -> int:
@@ -126,7 +128,8 @@ def _sampling(fields: dict[str, Any], info: ModelInfo, n: int) -> Sampling:
     top_k = fields.get("top_k")
     if top_k is not None:
         top_k = _int(fields, "top_k", None, 1, info.num_codes)
-    return Sampling(n=n, seed=_int(fields, "seed", 0, 0, 2**63 - 1), steps=_int(fields, "steps", 8, 1, MAX_STEPS),
+    return Sampling(n=n, seed=_int(fields, "seed", 0, 0, 2**63 - 1),
+                    steps=_int(fields, "steps", info.default_steps, 1, MAX_STEPS),
                     temperature=_float(fields, "temperature", 1.0, 0.0, 10.0),
                     choice_temperature=_float(fields, "choice_temperature", 4.5, 0.0, 50.0),
                     top_k=top_k, cfg=cfg, attrs=attrs)

@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from data import to_float
-from sample import (  # the one place the studio uses the sampling API
-    generate,
-    load_models,
-)
+from data import to_float, to_uint8
+from studio.api import Edit, ModelInfo, RequestError, Sampling, parse_edit, parse_generate
 from tokenizer import VQModel
 from transformer import MaskGIT
-
-from .api import Edit, ModelInfo, RequestError, Sampling, parse_edit, parse_generate
+from transformer.pipeline import decode_settings, generate, load_models  # the studio's one use of the sampling API
 
 STRIP_DIM = 0.3  # brightness kept by a still-masked token in the strip (its prediction shows through)
 
@@ -38,9 +34,11 @@ class Engine:
     def __init__(self, tokenizer: VQModel, model: MaskGIT, meta: dict[str, Any], source: str = "") -> None:
         self.tokenizer, self.model, self.meta = tokenizer, model, meta
         self.device = next(model.parameters()).device
-        self.schedule = meta["train"]["masking"]["schedule"]
+        trained = decode_settings(meta["config"])  # the mask schedule and step count the model was trained with
+        self.schedule = trained["schedule"]
         names = tuple(meta.get("attr_names") or ()) if model.cfg.num_attrs else ()
-        self.info = ModelInfo(tokenizer.cfg.resolution, tuple(tokenizer.grid), model.cfg.num_codes, names)
+        self.info = ModelInfo(tokenizer.cfg.resolution, tuple(tokenizer.grid), model.cfg.num_codes, names,
+                              default_steps=trained["steps"])
         self.source = source
         self._lock = threading.Lock()  # one model, one request at a time
 
@@ -54,7 +52,7 @@ class Engine:
         i = self.info
         return {"resolution": i.resolution, "grid": list(i.grid), "num_codes": i.num_codes,
                 "attr_names": list(i.attr_names), "conditional": bool(i.attr_names), "schedule": self.schedule,
-                "device": str(self.device), "source": self.source}
+                "steps": i.default_steps, "device": str(self.device), "source": self.source}
 
     def generate(self, body: Any) -> dict[str, Any]:
         s = parse_generate(body, self.info)
@@ -94,13 +92,12 @@ class Engine:
     @torch.no_grad()
     def _sample(self, s: Sampling, init: torch.Tensor | None = None, init_mask: torch.Tensor | None = None):
         """(images (n, 3, R, R) uint8, tokens (n, N), strips (n, 3, R, T (R + 1)) uint8, fixed (n, T))."""
-        cond = None
-        if s.attrs is not None:
-            values = [s.attrs.get(name, 0) for name in self.info.attr_names]  # unnamed attributes are 0
-            cond = {"attrs": torch.tensor([values], device=self.device).expand(s.n, -1)}
+        attrs = None
+        if s.attrs is not None:  # unnamed attributes are 0
+            attrs = torch.tensor([s.attrs.get(name, 0) for name in self.info.attr_names])  # (A,)
         states = []
         images = torch.cat(list(generate(
-            self.tokenizer, self.model, s.n, s.n, s.seed, s.steps, cond=cond, init=init, init_mask=init_mask,
+            self.tokenizer, self.model, s.n, s.n, s.seed, s.steps, attrs=attrs, init=init, init_mask=init_mask,
             progress=False, schedule=self.schedule, temperature=s.temperature, choice_temperature=s.choice_temperature,
             top_k=s.top_k, cfg_scale=s.cfg, on_step=lambda t, tokens, predicted: states.append((tokens, predicted)))))
         tokens = states[-1][0]  # (n, N), every position fixed after the last step
@@ -116,8 +113,8 @@ class Engine:
         h, r = self.info.grid[0], self.info.resolution
         frames = []
         for chunk in rearrange(beliefs, "n t (h w) -> (n t) h w", h=h).split(64):
-            frames.append(self.tokenizer.decode_indices(chunk).clamp(-1, 1).add(1).mul(127.5))
-        frames = torch.cat(frames)  # (n T, 3, R, R) in [0, 255]
+            frames.append(to_uint8(self.tokenizer.decode_indices(chunk)))
+        frames = torch.cat(frames).float()  # (n T, 3, R, R) in [0, 255]
         dim = rearrange(masked, "n t (h w) -> (n t) 1 h w", h=h).float()
         dim = F.interpolate(dim, size=(r, r), mode="nearest")  # (n T, 1, R, R), 1 = still masked
         frames = frames * (1 - dim * (1 - STRIP_DIM))

@@ -18,10 +18,10 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+from core.errors import main_guard
 from studio.api import RequestError
 from studio.engine import Engine
 from studio.server import MAX_BODY, StudioServer
-from training.run import main_guard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -68,7 +68,7 @@ def outside(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return a[keep]
 
 
-def test_generate_is_sample_py_with_a_strip(server):
+def test_generate_is_the_sampling_path_with_a_strip(server):
     from studio.engine import generate  # sample.py's, through the studio's one import of it
     status, a = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
     assert status == 200 and len(a["images"]) == 3
@@ -76,10 +76,11 @@ def test_generate_is_sample_py_with_a_strip(server):
     _, c = post(server, "/api/generate", {"n": 3, "seed": 8, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
     assert [x["png"] for x in a["images"]] == [x["png"] for x in b["images"]]
     assert [x["png"] for x in a["images"]] != [x["png"] for x in c["images"]]
-    # the same pictures as sample.py's generate with the same seed and settings
+    # the same pictures as sample.py's generate with the same seed and settings (the trained schedule)
     e = server.engine
-    cond = {"attrs": torch.tensor([[1, 0, 0, 0, 0]]).expand(3, -1)}
-    ref = next(generate(e.tokenizer, e.model, 3, 3, seed=7, steps=6, cond=cond, cfg_scale=1.5, progress=False))
+    assert e.schedule == "arccos" and e.info.default_steps == 5  # what the tiny run was trained with
+    ref = next(generate(e.tokenizer, e.model, 3, 3, seed=7, steps=6, attrs=torch.tensor([1, 0, 0, 0, 0]),
+                        cfg_scale=1.5, schedule="arccos", progress=False))
     for got, want in zip(a["images"], ref):
         assert np.array_equal(pixels(got["png"]), want.permute(1, 2, 0).numpy())
         assert len(got["tokens"]) == 64 and 0 <= min(got["tokens"]) and max(got["tokens"]) < 128
@@ -185,7 +186,7 @@ def test_an_unconditional_model_refuses_attributes(server):
     e = server.engine
     torch.manual_seed(0)
     model = MaskGIT(MaskGITConfig(num_codes=128, grid=(8, 8), dim=32, depth=1, heads=2)).eval()
-    engine = Engine(e.tokenizer, model, {"train": {"masking": {"schedule": "cosine"}}})
+    engine = Engine(e.tokenizer, model, {"config": {"masking": {"schedule": "cosine", "sample_steps": 8}}})
     assert engine.describe()["conditional"] is False
     with pytest.raises(RequestError, match="without attribute conditioning"):
         engine.generate({"attrs": {"smiling": 1}})
@@ -242,7 +243,8 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         assert page.locator("#grid .thumb").count() == 4
         page.click("#grid .thumb >> nth=2")
         before_url = page.get_attribute("#download", "href")
-        assert page.locator("#strip figure").count() == 8 and page.inner_text("#strip figure >> nth=7") == "8: 64/64"
+        # the strip: one frame per step, T = 5 by default (the tiny run's trained setting)
+        assert page.locator("#strip figure").count() == 5 and page.inner_text("#strip figure >> nth=4") == "5: 64/64"
 
         # drag a box over pixels 9..22 of the 32x32 picture: tokens 2..5, pixels 8..23
         view = page.locator("#view").bounding_box()

@@ -269,6 +269,7 @@ async function start() {
       $("attrs").append(label);
     }
   }
+  $("steps").value = String(info.steps);  // the step count the model was trained to sample with
   bindOutput("steps", "steps-out", 0);
   bindOutput("temperature", "temperature-out", 2);
   bindOutput("choice", "choice-out", 1);
