@@ -44,9 +44,9 @@ def time_requests(server: StudioServer, repeats: int = 5) -> None:
     _, first = post(server, "/api/generate", {"n": 1, "seed": 0})
     sample = first["images"][0]
     quarter = [r // 4, r // 4, 3 * r // 4, 3 * r // 4]
-    cases = [(f"generate n={n}, T=8", "/api/generate", {"n": n}) for n in (1, 8, 16)]
+    cases = [(f"generate n={n}, T=8", "/api/generate", {"n": n, "steps": 8}) for n in (1, 8, 16)]
     cases.append((f"inpaint box {quarter}, T=8", "/api/edit", {"image": sample["png"], "tokens": sample["tokens"],
-                                                               "box": quarter}))
+                                                               "box": quarter, "steps": 8}))
     print(f"{'request':<32} {'wall s':>8} {'model s':>8}   (median of {repeats}; torch threads {torch.get_num_threads()})")
     for label, path, body in cases:
         runs = [post(server, path, {**body, "seed": i}) for i in range(repeats)]
