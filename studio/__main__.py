@@ -7,15 +7,31 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError, main_guard
+from core.pretrained import is_export
 from studio.engine import Engine
 from studio.server import StudioServer
 
 
+def model_paths(run: str | None, tokenizer: str | None, maskgit: str | None) -> tuple[Path, Path]:
+    """The pair to load: RUN's checkpoints, the folders export.py wrote to RUN, or the paths given."""
+    if run:
+        tok, mg = Path(run) / "tokenizer", Path(run) / "maskgit"
+        if not is_export(mg):  # a run directory: its checkpoints
+            tok, mg = tok / "checkpoint.pt", mg / "checkpoint.pt"
+    else:
+        tok, mg = Path(tokenizer), Path(maskgit)
+    for path in (tok, mg):
+        if not path.exists():
+            raise UserError(f"{path} not found" + (f": is {run} a finished run (e.g. `make demo`)?" if run else ""))
+    return tok, mg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m studio", description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=None, help="run directory holding tokenizer/checkpoint.pt and maskgit/checkpoint.pt")
-    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint (instead of --run)")
-    p.add_argument("--maskgit", default=None, help="MaskGIT checkpoint (instead of --run)")
+    p.add_argument("--run", default=None, help="run directory holding tokenizer/checkpoint.pt and "
+                   "maskgit/checkpoint.pt, or the folder export.py writes (tokenizer/ and maskgit/ exports)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer checkpoint or exported folder (instead of --run)")
+    p.add_argument("--maskgit", default=None, help="MaskGIT checkpoint or exported folder (instead of --run)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the "
                    "model to the network without authentication (see the README)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -24,15 +40,9 @@ def main() -> None:
     args = p.parse_args()
     if args.run and (args.tokenizer or args.maskgit):
         p.error("give --run or --tokenizer/--maskgit, not both")
-    if args.run:
-        tokenizer, maskgit = Path(args.run) / "tokenizer" / "checkpoint.pt", Path(args.run) / "maskgit" / "checkpoint.pt"
-    elif args.tokenizer and args.maskgit:
-        tokenizer, maskgit = Path(args.tokenizer), Path(args.maskgit)
-    else:
+    if not args.run and not (args.tokenizer and args.maskgit):
         p.error("give --run RUN_DIR, or both --tokenizer and --maskgit")
-    for path in (tokenizer, maskgit):
-        if not path.is_file():
-            raise UserError(f"{path} not found" + (f": is {args.run} a finished run (e.g. `make demo`)?" if args.run else ""))
+    tokenizer, maskgit = model_paths(args.run, args.tokenizer, args.maskgit)
 
     engine = Engine.from_paths(tokenizer, maskgit, ema=not args.raw_weights, device=args.device)
     try:

@@ -6,7 +6,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Headless Chromium as the browser tests launch it (the system's, e.g. Debian's `chromium` package).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TINY_DATA = ["data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
+
+
+def chromium() -> str:
+    """The system Chromium's path; skips the calling test when there is none (Playwright's own download is never used)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium browser (Debian: apt-get install chromium)")
 
 
 def run_script(*args, check=True, timeout=300):

@@ -2,19 +2,16 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import CHROMIUM_ARGS, ROOT, chromium, run_script
 
 ARTEFACTS = ["report.md", "index.html", "report_metrics.json", "samples_grid.png", "curves_tokenizer.png",
              "curves_maskgit.png", "pca.png", "tokenizer/recon_latest.png", "tokenizer/codebook_usage_val.png",
              "tokenizer/val_metrics.json", "maskgit/train_metrics.json", "eval/generation.json", "eval/generation.md",
              "eval/floor.json"]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +57,10 @@ def test_report_in_a_browser(demo_run, tmp_path):
     (pictures upscaled by an integer factor, never squashed), pictures above the numbers, no horizontal
     scrolling, no text overflowing its box, no network request."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')")
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.skip("no Chromium browser (Debian: apt-get install chromium)")
+    executable = chromium()
     shots = Path(os.environ.get("REPORT_SCREENSHOTS", tmp_path))
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         for name, width in (("laptop", 1280), ("phone", 390)):
             page = browser.new_page(viewport={"width": width, "height": 800})
             urls = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import CHROMIUM_ARGS, ROOT, chromium
 from PIL import Image
 
 from core.errors import main_guard
@@ -24,8 +23,6 @@ from studio.engine import Engine
 from studio.server import MAX_BODY, StudioServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +197,12 @@ def test_cli_serves_and_refuses_a_run_without_checkpoints(tiny_runs, tmp_path, m
         main_guard(main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and "make demo" in err
+    from studio.__main__ import model_paths
+    from transformer.pipeline import export_models
+    export_models(str(tiny_runs["tokenizer"]), str(tiny_runs["maskgit"]), str(tmp_path / "export"))
+    assert model_paths(str(tmp_path / "export"), None, None) == (tmp_path / "export" / "tokenizer",
+                                                                 tmp_path / "export" / "maskgit")
+    assert Engine.from_paths(*model_paths(str(tmp_path / "export"), None, None)).describe()["grid"] == [8, 8]
     run = tmp_path / "run"  # the layout `make demo` writes
     for part, path in (("tokenizer", tiny_runs["tokenizer"]), ("maskgit", tiny_runs["maskgit"])):
         (run / part).mkdir(parents=True)
@@ -217,16 +220,8 @@ def test_cli_serves_and_refuses_a_run_without_checkpoints(tiny_runs, tmp_path, m
         proc.wait(timeout=30)
 
 
-def chromium() -> str:
-    """The system Chromium (Debian's `chromium` package); Playwright's own download is never used."""
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    pytest.skip("no Chromium found (Debian: apt-get install chromium): the browser test needs one")
-
-
 def test_page_generates_and_inpaints_a_box_in_chromium(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')")
     executable = chromium()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
