@@ -261,7 +261,7 @@ def figures(results: dict, out: Path) -> None:
         ax.set_title(f"{LABELS.get(rung, rung)}\n({first[rung]})", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=130)
+    fig.savefig(out / "samples.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for rung in rungs:
