@@ -165,3 +165,20 @@ def test_full_disk_and_torn_logs(tmp_path, monkeypatch):
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(RunError, match=f"{log}: line 2"):
         JsonlLog(log, resume_step=2)
+
+
+def test_resume_accepts_overrides_equal_to_defaults_of_fields_newer_than_the_checkpoint():
+    """A checkpoint written before a model field existed resumes when that field is set to its default
+    (the ladder sets every VQ option explicitly); a real change is still refused."""
+    import pytest
+
+    from core.config import ConfigError, to_dict
+    from train_tokenizer import PRESETS, TrainTokenizerConfig
+    from training.run import resolve_config
+
+    stored = to_dict(PRESETS["tiny"])
+    del stored["model"]["vq"]["rotation_trick"]  # as in a checkpoint from before that option
+    cfg = resolve_config(TrainTokenizerConfig, PRESETS["tiny"], ["model.vq.rotation_trick=false"], stored)
+    assert cfg.model.vq.rotation_trick is False
+    with pytest.raises(ConfigError, match="cannot change on --resume"):
+        resolve_config(TrainTokenizerConfig, PRESETS["tiny"], ["model.vq.num_codes=64"], stored)

@@ -70,8 +70,10 @@ def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: di
             raise ConfigError(f"{key} comes from the data and cannot be overridden")
     if stored is None:
         return apply_overrides(preset_cfg, overrides)
-    cfg = apply_overrides(from_dict(cls, stored), overrides)
-    changed = sorted(k for k, v in _flat(to_dict(cfg)["model"]).items() if _flat(stored["model"]).get(k) != v)
+    base = from_dict(cls, stored)  # fields newer than the checkpoint take their defaults here
+    cfg = apply_overrides(base, overrides)
+    before = _flat(to_dict(base)["model"])
+    changed = sorted(k for k, v in _flat(to_dict(cfg)["model"]).items() if before.get(k) != v)
     if changed:
         raise ConfigError(f"model.{changed[0]}: the model cannot change on --resume (the checkpoint's weights would "
                           f"not fit); start a new run directory instead")
