@@ -81,6 +81,27 @@ def test_vq_bench_one_size(tmp_path):
     assert row["index_agreement"] > 0.99  # both layers pick the same nearest codes
 
 
+def test_vqtorch_bench_measures_ours_and_the_floor(tmp_path):
+    """Without vqtorch (CI) the bench still times our layer and the GEMM floor and records why the vqtorch
+    column is empty; with a clone given through VQTORCH_PATH, both layers make the same assignments."""
+    import os
+
+    vqtorch = os.environ.get("VQTORCH_PATH")
+    out = tmp_path / "vqtorch.json"
+    run_script(ROOT / "bench/bench_vqtorch.py", "--sizes", "256x16x64", "--search", "256x16x128", "--reps", "1",
+               "--threads", "1", "--out", out, *(["--vqtorch", vqtorch] if vqtorch else []))
+    result = json.loads(out.read_text())
+    assert [(r["config"], r["n"], r["d"], r["k"]) for r in result["rows"]] == [
+        ("plain", 256, 16, 64), ("trained", 256, 16, 64), ("search", 256, 16, 128)]
+    for r in result["rows"]:
+        assert r["ours"] > 0 and r["floor"] > 0
+        if vqtorch:
+            assert r["vqtorch"] > 0 and r["agree"] > 0.99
+        else:
+            assert "vqtorch" not in r and "minyoungg/vqtorch" in r["vqtorch_missing"]
+    assert len(result["table"]) == 2 + 3
+
+
 def test_train_bench_counts_flops_and_mfu(tmp_path):
     out = tmp_path / "train.json"
     run_script(ROOT / "bench/bench_train.py", "--tokenizer", "tiny", "--maskgit", "tiny", "--batch-size", "2",

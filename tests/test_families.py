@@ -139,7 +139,8 @@ def test_rotation_trick_forward_is_z_q_and_backward_is_the_closed_form_rotation(
     assert not torch.allclose(z.grad, g, atol=1e-3)  # it is not the STE
     # the codes' task gradient is the synchronized STE's, unchanged by the rotation
     sync = torch.zeros(10, 6).index_add_(0, info["q"], g) * nu
-    assert torch.allclose(vq.codebook.weight.grad, sync, atol=1e-6)
+    grad = vq.codebook.weight.grad
+    assert grad is None if nu == 0 else torch.allclose(grad, sync, atol=1e-6)
 
 
 def test_rotation_trick_on_the_residual_sum():

@@ -12,6 +12,7 @@ encoder gets the task gradient g unchanged); ``path = rotate_onto`` is the rotat
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,9 +22,58 @@ def quantizer_output(z: Tensor, z_q: Tensor, sync_nu: float = 0.0, rotation_tric
 
     z, z_q: (N, d). ``rotation_trick=False`` is the (synchronized) straight-through estimator.
     """
-    zq_d = z_q.detach()
-    path = rotate_onto(z, zq_d) if rotation_trick else z
-    return zq_d + (path - path.detach()) + sync_nu * (z_q - zq_d)
+    path = rotate_onto(z, z_q.detach()) if rotation_trick else z
+    return _Estimator.apply(path, z_q, float(sync_nu))
+
+
+class _Estimator(torch.autograd.Function):
+    """Value z_q (a view, no copy); backward: g to ``path``, ``nu * g`` to z_q (nothing when nu = 0).
+
+    The same gradients as ``sg(z_q) + (path - sg(path)) + nu * (z_q - sg(z_q))`` without its five
+    element-wise passes forward and their backward (bench/bench_vq.py measures the layer).
+    """
+
+    @staticmethod
+    def forward(ctx, path: Tensor, z_q: Tensor, nu: float) -> Tensor:
+        ctx.nu = nu
+        return z_q.view_as(z_q)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        to_codes = g * ctx.nu if ctx.nu != 0 and ctx.needs_input_grad[1] else None
+        return g, to_codes, None
+
+
+class _QuantizerLoss(torch.autograd.Function):
+    """``(1 - beta) mean((z - sg(z_q))^2) + beta mean((sg(z) - z_q)^2)`` and the per-row squared distance.
+
+    Both terms have the same value, mean((z - z_q)^2); they differ only in where the gradient goes. One
+    difference and one reduction forward, one scaled copy per input backward (instead of two
+    ``mse_loss`` graphs and a third pass for the distances).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, z_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+        diff = z - z_q  # (N, d)
+        d = torch.linalg.vecdot(diff, diff)  # (N,)
+        ctx.save_for_backward(diff)
+        ctx.beta = beta
+        ctx.mark_non_differentiable(d)
+        return d.sum() / diff.numel(), d
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, _g_d: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:
+        (diff,) = ctx.saved_tensors
+        scale = g_loss * (2.0 / diff.numel())
+        g_z = diff * (scale * (1 - ctx.beta)) if ctx.needs_input_grad[0] and ctx.beta != 1 else None
+        g_zq = diff * (scale * -ctx.beta) if ctx.needs_input_grad[1] and ctx.beta != 0 else None
+        return g_z, g_zq, None
+
+
+def quantizer_loss(z: Tensor, z_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(loss, d): the VQ loss of ``_QuantizerLoss`` and the squared distance of each row of z to its code
+    (N,), no gradient. z, z_q: (N, d)."""
+    return _QuantizerLoss.apply(z, z_q, float(beta))
 
 
 def rotate_onto(z: Tensor, z_q: Tensor, eps: float = 1e-6) -> Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor
 # 2**24 fp32 distances per chunk = 64 MiB: large enough that the matmul dominates, small enough for
 # K = 65,536 codes with 65,536 inputs (the full matrix would be 16 GiB).
 DEFAULT_CHUNK_ELEMS = 2**24
+CACHE_ELEMS = 2**21
 
 
 @torch.no_grad()
@@ -27,13 +28,15 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     codebook = codebook.float()
     n, k = z.shape[0], codebook.shape[0]
     c_sq = codebook.square().sum(1)  # (K,)
-    rows = max(1, min(n, chunk_elems // max(k, 1)))
+    # Rows per chunk: about 8 MiB of scores while the codebook is small (the scores are written by the
+    # matmul and read back by argmin while still in cache), but at least 1,024 rows so each matmul call
+    # amortises packing the codebook, and never more than ``chunk_elems`` scores.
+    rows = max(1, min(n, chunk_elems // max(k, 1), max(1024, CACHE_ELEMS // max(k, 1))))
     out = torch.empty(n, dtype=torch.long, device=z.device)
     cb_t = codebook.t()
     # One scores buffer for all chunks, written by addmm(out=) and read by argmin(out=): a fresh 64 MiB
     # tensor per chunk is a fresh mmap on CPU, whose page faults cost ~1/3 of the search at large K
-    # (bench/bench_vq.py). Fewer, larger chunks beat cache-sized ones: each matmul call re-packs the
-    # codebook and synchronises the thread pool.
+    # (bench/bench_vq.py).
     scores = torch.empty(rows, k, device=z.device)  # (rows, K)
     for start in range(0, n, rows):
         zc = z[start : start + rows]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from tokenizer.estimators import quantizer_output
+from tokenizer.estimators import quantizer_loss, quantizer_output
 from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
 
 NORMS = (None, "l2")
@@ -190,7 +190,9 @@ class VectorQuant(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def _check_input(self, z_e: Tensor) -> None:
         check_input(self, z_e)
-        if not torch.isfinite(z_e).all():
+        # One reduction is the fast check; the exact one runs only when it trips (a finite input whose sum
+        # overflows is not refused).
+        if not torch.isfinite(z_e.sum()) and not torch.isfinite(z_e).all():
             raise NonFiniteInputError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
@@ -218,31 +220,32 @@ class VectorQuant(nn.Module):
 
         with torch.no_grad():
             q = nearest_code(zd, self.get_codebook(), self.chunk_elems)  # (N,)
+        counts = code_histogram(q, self.num_codes)
         if self.training:
-            self.last_used[q] = self.step
+            self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))  # K writes, not N
             all_reduce_(self.last_used, "max")  # usage on any replica counts: replicas keep identical state
             if self.inplace_optimizer is not None:
                 self._inplace_step(zd, q)
 
-        z_q = self.get_codebook()[q]  # (N, d), from the (possibly just updated) codebook
-        commitment = F.mse_loss(z, z_q.detach())
+        # index_select, not C[q]: its backward is an index_add, many times faster than advanced indexing's
+        z_q = self.get_codebook().index_select(0, q)  # (N, d), from the (possibly just updated) codebook
         if self.inplace_optimizer is None:
-            codebook = F.mse_loss(zd, z_q)
-        else:  # W already took its step on this term: only the affine map (if any) may learn from it here
-            codebook = F.mse_loss(zd, self.get_codebook(detach_weight=True)[q])
-        loss = (1 - self.beta) * commitment + self.beta * codebook
-        zq_d = z_q.detach()
+            zq_loss = z_q
+        elif self.affine_lr > 0:  # W already took its step on this term: only the affine map learns from it here
+            zq_loss = self.get_codebook(detach_weight=True).index_select(0, q)
+        else:
+            zq_loss = z_q.detach()
+        loss, d = quantizer_loss(z, zq_loss, self.beta)  # both terms have the value mean((z - z_q)^2)
         out = quantizer_output(z, z_q, self.sync_nu, self.rotation_trick)
 
-        counts = code_histogram(q, self.num_codes)
         info = {
             "q": q.view(spatial),
             "z": z.view(*spatial, -1).movedim(-1, self.dim),
             "z_q": z_q.view(*spatial, -1).movedim(-1, self.dim),
-            "d": (zd - zq_d).square().sum(-1).view(spatial),
+            "d": d.view(spatial),
             "loss": loss,
-            "commitment_loss": commitment.detach(),
-            "codebook_loss": codebook.detach(),
+            "commitment_loss": loss.detach(),
+            "codebook_loss": loss.detach(),
             "perplexity": perplexity(counts),
             "codes_used": (counts > 0).float().mean(),
         }
@@ -305,7 +308,7 @@ class VectorQuant(nn.Module):
         weight = self.codebook.weight
         with torch.enable_grad():
             c = self.get_codebook(detach_affine=True)
-            (grad,) = torch.autograd.grad(F.mse_loss(c[q], z), [weight])
+            (grad,) = torch.autograd.grad(F.mse_loss(c.index_select(0, q), z), [weight])
         all_reduce_(grad, "mean")
         saved, weight.grad = weight.grad, grad  # hand the optimizer this gradient only ...
         self.inplace_optimizer.step()
