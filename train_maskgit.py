@@ -133,6 +133,7 @@ def main() -> None:
 
     # config: the codebook size, grid and attributes come from the code file, not from the preset
     cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
+                         source=str(run_dir / "checkpoint.pt"),
                          fixed=("model.num_codes", "model.grid", "model.num_attrs"))
     cfg.model.num_codes, cfg.model.grid = header.num_codes, tuple(header.grid)
     if cfg.masking.condition == "attrs":

@@ -106,7 +106,8 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
 def main() -> None:
     args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS)
     run_dir, ckpt = open_run(args, "tokenizer")
-    cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None)
+    cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
+                         source=str(run_dir / "checkpoint.pt"))
     if cfg.data.resolution != cfg.model.resolution:
         raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
     o = cfg.optim

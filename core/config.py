@@ -115,6 +115,17 @@ def from_dict(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def stored_config(cls: type[T], values: dict[str, Any], source: str) -> T:
+    """``from_dict`` for a config read back from a checkpoint: a refusal names the file and the likely reason
+    (another version of the project wrote it, whose options this one checks differently or no longer has)."""
+    try:
+        return from_dict(cls, values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: this version refuses the configuration stored in it ({e}); it was probably "
+                          "written by another version of the project: retrain it with this version, or use the "
+                          "version that wrote it") from None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-able nested dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

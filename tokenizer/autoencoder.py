@@ -143,10 +143,10 @@ class VQModel(Pretrained, nn.Module):
 def load_tokenizer(path: str, ema: bool = True, device: str | torch.device = "cpu") -> tuple[VQModel, TokenizerConfig]:
     """Rebuild a tokenizer from its self-describing checkpoint (EMA weights by default), in eval mode."""
     from core.checkpoint import load_checkpoint
-    from core.config import from_dict
+    from core.config import stored_config
 
     ckpt = load_checkpoint(path, kind="tokenizer")
-    cfg = from_dict(TokenizerConfig, ckpt["config"]["model"])
+    cfg = stored_config(TokenizerConfig, ckpt["config"]["model"], str(path))
     model = VQModel(cfg)
     model.load_state_dict(ckpt["ema" if ema and ckpt.get("ema") is not None else "model"])
     return model.to(device).eval(), cfg

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from core.config import ConfigError, apply_overrides, from_dict, to_dict
+from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
 
@@ -60,7 +60,7 @@ def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *require
 
 
 def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: dict[str, Any] | None,
-                   fixed: tuple[str, ...] = ()) -> T:
+                   fixed: tuple[str, ...] = (), source: str = "the checkpoint") -> T:
     """Preset + overrides, or (on resume) the checkpoint's stored config + overrides. Refused: overrides
     of ``fixed`` keys (set from the data), and on resume any change to the model (its weights would not
     fit); repeating the run's own model overrides on resume is fine."""
@@ -70,7 +70,7 @@ def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: di
             raise ConfigError(f"{key} comes from the data and cannot be overridden")
     if stored is None:
         return apply_overrides(preset_cfg, overrides)
-    base = from_dict(cls, stored)  # fields newer than the checkpoint take their defaults here
+    base = stored_config(cls, stored, source)  # fields newer than the checkpoint take their defaults here
     cfg = apply_overrides(base, overrides)
     before = _flat(to_dict(base)["model"])
     changed = sorted(k for k, v in _flat(to_dict(cfg)["model"]).items() if before.get(k) != v)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from core.config import from_dict
+from core.config import stored_config
 from core.errors import UserError
 from core.pretrained import is_export, read_config
 from data import load_rgb, preprocess_uint8, to_uint8
@@ -54,7 +54,7 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
         except CheckpointError as e:
             raise CheckpointError(f"--maskgit: {e}") from None
         meta = {**ckpt["meta"], "config": ckpt["config"]}
-        model = MaskGIT(from_dict(MaskGITConfig, ckpt["config"]["model"]))
+        model = MaskGIT(stored_config(MaskGITConfig, ckpt["config"]["model"], str(maskgit_path)))
         model.load_state_dict(ckpt["ema" if ema else "model"])
         model = model.to(device).eval()
     identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}
