@@ -16,10 +16,13 @@ Rows, fp32 on CPU, one training step = ``vq(z)`` + ``(loss + <out, g>).backward(
 * ``search``: the nearest-code search alone (our ``nearest_code``, vqtorch's ``euclidean_cdist_topk``).
 
 ``floor`` is the time of the matmul that the search needs, ``(N, d) x (d, K)`` in fp32 = 2 N K d FLOPs,
-measured here in the same process (written chunk by chunk into one reused buffer, as the layers do, so
-that N = K = 65,536 fits): no exact-search layer can beat it by much. Timing: one fresh subprocess per
+measured here in the same process, in the row chunks our search uses (about 8 MiB of scores, at most
+2^24, into one reused buffer, so that N = K = 65,536 fits): ours / floor is what everything besides
+that matmul costs (the argmin, the gather, the loss, the backward pass). Timing: one fresh subprocess per
 (config, size); ours, vqtorch and the floor alternate repetition by repetition (other jobs on the
-machine slow all three alike); the minimum of ``--reps`` (after one warm-up) is reported.
+machine slow all three alike); the minimum of ``--reps`` (after one warm-up) is reported. On a machine
+shared with other jobs, ``--threads 1 --clock cpu`` measures the CPU time of one thread instead of the wall
+clock: the work each layer does, unaffected by the time the scheduler gives to others.
 """
 from __future__ import annotations
 
@@ -44,7 +47,6 @@ CONFIGS = {
     "trained": dict(ours=dict(beta=0.95, norm="l2", affine_lr=10.0, sync_nu=0.2, replace_freq=20),
                     vqtorch=dict(beta=0.95, norm="l2", affine_lr=10.0, sync_nu=0.2, replace_freq=20)),
 }
-FLOOR_CHUNK_ELEMS = 2**24  # the same scores budget as our search's memory cap
 
 
 def import_vqtorch(path: str | None):
@@ -66,13 +68,14 @@ def import_vqtorch(path: str | None):
 
 # ---- inside the worker subprocess ------------------------------------------------------------------
 def floor_fn(z, codebook):
-    """The search's matmul alone, chunked into one reused buffer."""
+    """The search's matmul alone, in the chunks our search uses, into one reused buffer."""
     import torch
 
-    n, k = z.shape[0], codebook.shape[0]
-    rows = max(1, min(n, FLOOR_CHUNK_ELEMS // k))
-    buf, cb_t = torch.empty(rows, k), codebook.t()
-    for start in range(0, n, rows):
+    from tokenizer.kmeans import search_rows
+
+    rows = search_rows(z.shape[0], codebook.shape[0])
+    buf, cb_t = torch.empty(rows, codebook.shape[0]), codebook.t()
+    for start in range(0, z.shape[0], rows):
         zc = z[start:start + rows]
         torch.mm(zc, cb_t, out=buf[: zc.shape[0]])
 
@@ -118,14 +121,15 @@ def worker(a: argparse.Namespace) -> dict:
             fns[name] = (lambda vq=vq: step(vq))
         codebook = layers["ours"].get_codebook().detach()
         fns["floor"] = lambda: floor_fn(z, codebook)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     times = {name: [] for name in fns}
     first = {}
     for rep in range(a.reps + 1):  # rep 0 warms up
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             q = fn()
             if rep > 0:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
             elif name != "floor":
                 first[name] = q
     result = {name: 1e3 * min(t) for name, t in times.items()}
@@ -140,7 +144,7 @@ def worker(a: argparse.Namespace) -> dict:
 def run_worker(a: argparse.Namespace, config: str, n: int, d: int, k: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", config, "--n", str(n), "--d", str(d),
            "--k", str(k), "--reps", str(a.reps), *(["--vqtorch", a.vqtorch] if a.vqtorch else []),
-           *(["--threads", str(a.threads)] if a.threads else [])]
+           "--clock", a.clock, *(["--threads", str(a.threads)] if a.threads else [])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
     if p.returncode != 0:
         raise SystemExit(f"bench_vqtorch: worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -171,6 +175,8 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", metavar="NxDxK", help="training-step sizes (default: the issue's three)")
     p.add_argument("--search", nargs="*", metavar="NxDxK", help="search-only sizes (default 65536x64x65536)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (minimum reported)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (with --threads 1, the work done, whatever else runs)")
     p.add_argument("--threads", type=int, help="torch threads in the workers (default: torch's own choice); "
                    "1 is the steadier measure on a machine shared with other jobs")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
@@ -199,6 +205,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": a.threads or torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average_before": os.getloadavg(),
             "vqtorch": missing or "imported", "configs": CONFIGS, "reps": a.reps,
+            "clock": "process CPU time" if a.clock == "cpu" else "wall clock",
             "time": "min of alternating ours / vqtorch / floor repetitions, one subprocess per row",
             "command": "python bench/bench_vqtorch.py " + " ".join(sys.argv[1:])}
     rows = []

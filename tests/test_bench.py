@@ -89,7 +89,7 @@ def test_vqtorch_bench_measures_ours_and_the_floor(tmp_path):
     vqtorch = os.environ.get("VQTORCH_PATH")
     out = tmp_path / "vqtorch.json"
     run_script(ROOT / "bench/bench_vqtorch.py", "--sizes", "256x16x64", "--search", "256x16x128", "--reps", "1",
-               "--threads", "1", "--out", out, *(["--vqtorch", vqtorch] if vqtorch else []))
+               "--threads", "1", "--clock", "cpu", "--out", out, *(["--vqtorch", vqtorch] if vqtorch else []))
     result = json.loads(out.read_text())
     assert [(r["config"], r["n"], r["d"], r["k"]) for r in result["rows"]] == [
         ("plain", 256, 16, 64), ("trained", 256, 16, 64), ("search", 256, 16, 128)]

@@ -15,6 +15,14 @@ DEFAULT_CHUNK_ELEMS = 2**24
 CACHE_ELEMS = 2**21
 
 
+def search_rows(n: int, k: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
+    """Rows of z per chunk of the search: about 8 MiB of scores while the codebook is small (the matmul
+    writes them and argmin reads them back while they are still in cache), but at least 1,024 rows so
+    each matmul call amortises packing the codebook, and never more than ``chunk_elems`` scores."""
+    k = max(k, 1)
+    return max(1, min(n, chunk_elems // k, max(1024, CACHE_ELEMS // k)))
+
+
 @torch.no_grad()
 def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Tensor:
     """Index of the nearest code (squared Euclidean) for each row of ``z``.
@@ -28,10 +36,7 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     codebook = codebook.float()
     n, k = z.shape[0], codebook.shape[0]
     c_sq = codebook.square().sum(1)  # (K,)
-    # Rows per chunk: about 8 MiB of scores while the codebook is small (the scores are written by the
-    # matmul and read back by argmin while still in cache), but at least 1,024 rows so each matmul call
-    # amortises packing the codebook, and never more than ``chunk_elems`` scores.
-    rows = max(1, min(n, chunk_elems // max(k, 1), max(1024, CACHE_ELEMS // max(k, 1))))
+    rows = search_rows(n, k, chunk_elems)
     out = torch.empty(n, dtype=torch.long, device=z.device)
     cb_t = codebook.t()
     # One scores buffer for all chunks, written by addmm(out=) and read by argmin(out=): a fresh 64 MiB
