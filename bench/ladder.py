@@ -57,7 +57,8 @@ from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402
 
 RUNGS = ["baseline", "l2_replace", "affine", "opt", "opt_affine", "all"]
 LABELS = {"baseline": "baseline", "l2_replace": "+l2 +replace", "affine": "+affine", "opt": "+OPT",
-          "opt_affine": "+OPT +affine", "all": "all (+k-means)"}
+          "opt_affine": "+OPT +affine", "all": "all (+k-means)", "fsq": "FSQ", "lfq": "LFQ",
+          "rotation": "VQ + rotation trick", "simvq": "SimVQ"}
 # The paper's MaskGIT-on-CelebA generation FID (read off its figure, about +-0.5); other rungs not reported.
 PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
 PAPER_RFID = {"baseline": 93.8, "l2_replace": 86.3, "opt_affine": 74.2}
