@@ -124,6 +124,7 @@ celeba: tokenizer maskgit sample fid-ref fid rfid report
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_vq.py $(BENCH_ARGS)
+	$(PY) bench/bench_kmeans.py $(BENCH_ARGS)
 	$(PY) bench/bench_families.py $(BENCH_ARGS)
 	$(PY) bench/bench_loader.py $(BDATA) $(BENCH_ARGS)
 	$(PY) bench/bench_stage_two.py $(BENCH_ARGS)
