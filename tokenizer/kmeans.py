@@ -160,16 +160,16 @@ def _sq_dist_to_earlier(c: Tensor, chunk_elems: int) -> Tensor:
 def _sq_dist_to_nearest(x: Tensor, x_sq: Tensor, centers: Tensor, chunk_elems: int) -> Tensor:
     """min_j ||x_i - c_j||^2 for every row of x (N,), as ||x||^2 - 2 x.c + ||c||^2 in (rows, B) chunks.
 
-    A distance below the rounding of that form (relative 1e-5 of ||x||^2 + ||c||^2) reads as 0: a copy of
-    a center elsewhere in x must not keep a ~1e-7 weight and be drawn as a duplicate center."""
+    A distance below the rounding of that form (relative 2e-5 of ||x||^2, about ||x||^2 + ||c||^2 when x
+    is that near c) reads as 0: a copy of a center elsewhere in x must not keep a ~1e-7 weight and be
+    drawn as a duplicate center."""
     c_sq = centers.square().sum(1)  # (B,)
     rows = max(1, min(x.shape[0], chunk_elems // centers.shape[0]))
     out = torch.empty_like(x_sq)
     for start in range(0, x.shape[0], rows):
         xc, xc_sq = x[start : start + rows], x_sq[start : start + rows]  # (r, d), (r,)
-        d2, j = torch.addmm(c_sq, xc, centers.t(), alpha=-2.0).min(1)  # (r,) without ||x||^2, nearest j
-        d2 += xc_sq
-        out[start : start + rows] = d2.masked_fill_(d2 <= 1e-5 * (xc_sq + c_sq[j]), 0.0)
+        d2 = torch.addmm(c_sq, xc, centers.t(), alpha=-2.0).amin(1) + xc_sq  # (r,)
+        out[start : start + rows] = d2.masked_fill_(d2 <= 2e-5 * xc_sq, 0.0)
     return out
 
 
