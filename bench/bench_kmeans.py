@@ -9,7 +9,7 @@ extrapolated from the steps done (marked "~", it costs the same per step through
 measured, and the batched seeding skips the Lloyd iterations (nothing to compare them with).
 
     python bench/bench_kmeans.py            # K = 1,024 / 16,384 / 65,536, ~10 min on 1 busy CPU core
-    python bench/bench_kmeans.py --quick    # K = 1,024 / 4,096, ~1 min
+    python bench/bench_kmeans.py --quick    # K = 1,024 / 4,096, ~35 s
     python bench/bench_kmeans.py --sizes 16384 --cap-s 900   # both complete: error compared at 16,384
     python bench/bench_kmeans.py --sizes 64 --points-per-code 4 --iters 1   # toy size (tests)
 """
