@@ -18,7 +18,8 @@ MG_PRESET  ?= celeba64
 TOK_ARGS   ?=
 # extra key=value overrides for MaskGIT
 MG_ARGS    ?=
-# processes (GPUs) for accelerate launch; optim.batch_size is per process (global = batch x NPROC x grad_accum)
+# processes (GPUs) for accelerate launch; optim.batch_size is per process (global = batch x NPROC x grad_accum);
+# pretokenizing and sampling split their images over the processes (the same files for any NPROC)
 NPROC      ?= 1
 # samples for FID
 N          ?= 10000
@@ -82,7 +83,7 @@ tokenizer: $(STAMP)
 # Encoded once; again only when the tokenizer checkpoint is newer than the code files.
 codes: $(CODES)
 $(CODES): $(TOK) | $(STAMP)
-	$(PY) pretokenize.py --tokenizer $(TOK) --out $(RUN)/codes
+	$(LAUNCH) pretokenize.py --tokenizer $(TOK) --out $(RUN)/codes
 $(TOK):  # written by `make tokenizer`; pretokenize.py says so if it is missing
 
 maskgit: $(CODES)
@@ -90,7 +91,7 @@ maskgit: $(CODES)
 		--codes $(RUN)/codes --tokenizer $(TOK) $(MG_ARGS)
 
 sample: $(STAMP)
-	$(PY) sample.py --tokenizer $(TOK) --maskgit $(MG) --seed $(SEED) $(if $(STEPS),--steps $(STEPS),) \
+	$(LAUNCH) sample.py --tokenizer $(TOK) --maskgit $(MG) --seed $(SEED) $(if $(STEPS),--steps $(STEPS),) \
 		$(if $(ATTRS),--attrs $(ATTRS),) --cfg $(CFG) --grid $(RUN)/samples_grid.png --num-images $(N) \
 		--out-dir $(RUN)/samples --overwrite
 
@@ -124,6 +125,7 @@ celeba: tokenizer maskgit sample fid-ref fid rfid report
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/bench_vq.py $(BENCH_ARGS)
+	$(PY) bench/bench_kmeans.py $(BENCH_ARGS)
 	$(PY) bench/bench_families.py $(BENCH_ARGS)
 	$(PY) bench/bench_loader.py $(BDATA) $(BENCH_ARGS)
 	$(PY) bench/bench_stage_two.py $(BENCH_ARGS)

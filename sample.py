@@ -5,11 +5,15 @@
     python sample.py ... --attrs smiling=1,glasses=0 --cfg 2.0              # conditional model + guidance
     python sample.py ... --inpaint face.png --box 8,8,24,24                 # regenerate the box, keep the rest
     python sample.py ... --inpaint face.png --box 8,8,24,24 --outpaint      # keep the box, regenerate around it
+    accelerate launch --num_processes 8 sample.py ... --num-images 50000 --out-dir runs/samples  # 8 GPUs
 
 ``--cfg w`` is the guidance weight of logits = cond + w (cond - uncond) (0: plain conditional).
-A seed reproduces a sample bit for bit on the same device. Next to the PNGs, samples.json records what
-was sampled (checkpoints and their sha256, settings, count), and `python -m eval score` reports it; a
-non-empty --out-dir is refused unless --overwrite (old PNGs would be scored with the new ones).
+A seed reproduces a sample bit for bit on the same device. Image i's randomness depends only on
+(seed, i), and images are made in the same fixed batches of consecutive indices whatever the number of
+processes, so 1 or 8 processes write the same PNGs (each process takes every P-th batch). Next to the
+PNGs, samples.json records what was sampled (checkpoints and their sha256, settings, count), and
+`python -m eval score` reports it; a non-empty --out-dir is refused unless --overwrite (old PNGs would
+be scored with the new ones). The grid is drawn by the first process alone.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torchvision.utils import save_image
 from core.errors import UserError, main_guard
 from core.files import write_json
 from core.pretrained import weights_sha256
+from core.processes import process_state, shard_batches
 from data import load_rgb, preprocess_uint8, to_float
 from transformer.pipeline import (
     SAMPLES_RECORD,
@@ -51,9 +56,10 @@ def main() -> None:
     p.add_argument("--outpaint", action="store_true", help="invert the region: keep the box, regenerate the rest")
     p.add_argument("--raw-weights", action="store_true",
                    help="MaskGIT's raw instead of EMA weights (the tokenizer decodes with the weights that made the codes)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: this process's device (cuda:LOCAL_RANK, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace the PNGs of a non-empty --out-dir")
     args = p.parse_args()
+    state = process_state()  # with a launcher: waits here for the other processes
     # every argument is checked before the models are loaded or anything is sampled
     if not args.grid and not args.num_images:
         raise UserError("nothing to do: give --grid and/or --num-images with --out-dir")
@@ -73,8 +79,10 @@ def main() -> None:
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
             raise UserError(f"--out-dir {out} is not empty: its images would be scored with the new ones; "
                             f"choose an empty folder or add --overwrite")
+    state.wait_for_everyone()  # every process has checked the folder before any writes to it
 
-    device = torch.device(args.device)
+    device = torch.device(args.device) if args.device else state.device
+    is_main = state.is_main_process
     tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=not args.raw_weights, device=device)
     settings = settings_from_args(args, meta)
     attrs = parse_attrs(args.attrs, meta, model)
@@ -88,23 +96,29 @@ def main() -> None:
               "maskgit": str(args.maskgit), "maskgit_sha256": weights_sha256(args.maskgit),
               "maskgit_weights": "raw" if args.raw_weights else "ema", "attrs": args.attrs,
               "inpaint": args.inpaint, "settings": settings}
-    if args.grid:
+    if args.grid and is_main:
         images = torch.cat(list(generate(tokenizer, model, args.grid_size, args.batch_size, args.seed, **kwargs)))
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         save_image(images.float() / 255, args.grid, nrow=int(args.grid_size**0.5) or 1)
         write_json(Path(args.grid).with_suffix(".json"), {**record, "count": args.grid_size, "seed": args.seed})
         print(f"sample: grid of {args.grid_size} -> {args.grid}")
     if args.num_images:
-        out.mkdir(parents=True, exist_ok=True)
-        for old in [*out.glob("*.png"), out / SAMPLES_RECORD]:  # --overwrite: nothing old is left to be scored
-            old.unlink(missing_ok=True)
-        i = 0
-        for batch in generate(tokenizer, model, args.num_images, args.batch_size, args.seed + 1, **kwargs):
-            for img in batch:
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for old in [*out.glob("*.png"), out / SAMPLES_RECORD]:  # --overwrite: nothing old is left to be scored
+                old.unlink(missing_ok=True)
+        state.wait_for_everyone()
+        shard = (state.process_index, state.num_processes)
+        batches = generate(tokenizer, model, args.num_images, args.batch_size, args.seed + 1, shard=shard,
+                           progress=is_main, **kwargs)
+        for idx, batch in zip(shard_batches(args.num_images, args.batch_size, *shard), batches):
+            for i, img in zip(idx, batch):
                 save_image(img.float() / 255, out / f"{i:06d}.png")
-                i += 1
-        write_json(out / SAMPLES_RECORD, {**record, "count": i, "seed": args.seed + 1})
-        print(f"sample: {i} images -> {out} (what was sampled: {out / SAMPLES_RECORD})")
+        state.wait_for_everyone()  # the record is written once every image is
+        if is_main:
+            write_json(out / SAMPLES_RECORD, {**record, "count": args.num_images, "seed": args.seed + 1,
+                                              "batch_size": args.batch_size})  # the batches' float rounding
+            print(f"sample: {args.num_images} images -> {out} (what was sampled: {out / SAMPLES_RECORD})")
 
 
 if __name__ == "__main__":

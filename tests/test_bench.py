@@ -159,3 +159,13 @@ def test_families_bench_one_size(tmp_path):
     assert (row["family"], row["n"], row["d"], row["k"]) == ("simvq", 256, 16, 64)
     assert row["ours"]["status"] == "ok" and row["peer"]["status"] == "ok"
     assert row["index_agreement"] > 0.99  # the peer's basis and map were made ours: same assignments
+
+
+def test_kmeans_bench_toy_size(tmp_path):
+    out = tmp_path / "kmeans.json"
+    run_script(ROOT / "bench/bench_kmeans.py", "--sizes", "64", "--points-per-code", "4", "--iters", "1", "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["k"], row["n"]) == (64, 256)
+    for method in ("one_at_a_time", "batched"):
+        r = row[method]
+        assert r["complete"] and 0 < r["error_lloyd"] <= r["error_seeded"]  # a Lloyd step never raises the error

@@ -52,6 +52,12 @@ def test_sample_passes_conditioning_and_the_trained_steps(make):
     assert "--steps 12" in make("sample", "STEPS=12").stdout
 
 
+def test_nproc_splits_sampling_and_pretokenizing_over_processes(make):
+    assert "accelerate.commands.launch --num_processes 8 sample.py" in make("sample", "NPROC=8").stdout
+    assert "accelerate.commands.launch --num_processes 8 pretokenize.py" in make("maskgit", "NPROC=8").stdout
+    assert "launch" not in make("sample").stdout
+
+
 def test_bench_can_be_pointed_at_data(make):
     out = make("bench", "BENCH_DATA=/data/faces").stdout
     assert out.count("--data /data/faces") == 3  # bench_loader, bench_fid, ablation

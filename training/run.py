@@ -20,6 +20,7 @@ from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
+from core.processes import multi_cpu
 
 T = TypeVar("T")
 
@@ -283,5 +284,5 @@ def make_accelerator(mixed_precision: str, grad_accum: int, **kwargs: Any) -> An
     tracker's (training.tracking.accelerator_kwargs)."""
     from accelerate import Accelerator
 
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu, **kwargs)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu(),
+                       **kwargs)

@@ -8,13 +8,16 @@ schedule gamma used in training. T = 8 steps instead of N sequential ones is the
 
 Both functions are pure functions of their inputs and an explicit `torch.Generator`: every random
 draw goes through it, so a seed reproduces the output bit for bit (on the same device and software).
+A list of B generators instead gives each sample its own: sample b's draws then come from
+generator b alone, so a sample does not depend on which others share its batch (what lets
+`sample.py` split images over processes and still give the same image i).
 The model must be in eval mode (the caller's job; a model in training mode is rejected, since its
 dropout and condition-dropping would use the global RNG).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,7 @@ CFG_SCHEDULES = ("constant", "linear")
 def maskgit_decode(
     model: nn.Module,
     batch_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     steps: int = 8,
     schedule: str = "cosine",
     choice_temperature: float = 4.5,
@@ -46,7 +49,7 @@ def maskgit_decode(
     """Generate token grids (B, N) with T = `steps` MaskGIT decoding steps.
 
     model: a MaskGIT (or anything with .mask_id, .seq_len and forward(tokens, cond, drop_cond)).
-    generator: on the model's device; the only source of randomness.
+    generator: on the model's device; the only source of randomness (or one per sample, B of them).
     temperature: token sampling temperature (0 = argmax); top_k: sample among the k best codes.
     choice_temperature: tau_0 of the Gumbel noise added to the confidences,
         tau_t = choice_temperature * (1 - (t + 1) / T) (MaskGIT reference: 4.5).
@@ -119,7 +122,7 @@ def maskgit_decode(
 def sequential_decode(
     model: nn.Module,
     batch_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     temperature: float = 1.0,
     top_k: int | None = None,
     cfg_scale: float = 0.0,
@@ -156,7 +159,7 @@ def _logits(model: nn.Module, tokens: Tensor, cond: Mapping[str, Tensor] | None,
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None,
-            generator: torch.Generator) -> tuple[Tensor, Tensor]:
+            generator: torch.Generator | Sequence[torch.Generator]) -> tuple[Tensor, Tensor]:
     """Sample one code per position; returns (ids (...,) long, log p(ids) (...,)) under the
     distribution actually sampled from (temperature and top-k applied)."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -173,9 +176,14 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None,
     return ids, log_p
 
 
-def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    """Standard Gumbel noise -log(-log U), U ~ U(0, 1), from the given generator."""
-    u = torch.rand(shape, generator=generator, device=device)
+def _gumbel(shape: torch.Size | tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator],
+            device: torch.device) -> Tensor:
+    """Standard Gumbel noise -log(-log U), U ~ U(0, 1), from the given generator (a list: row b of the
+    batch from generator b)."""
+    if isinstance(generator, torch.Generator):
+        u = torch.rand(shape, generator=generator, device=device)
+    else:
+        u = torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
     tiny = torch.finfo(u.dtype).tiny
     neg_log_u = -torch.log(u.clamp(min=tiny))  # in (0, 87]; 0 only if u == 1, which rand() excludes
     return -torch.log(neg_log_u.clamp(min=tiny))
@@ -206,7 +214,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_common(model: nn.Module, batch_size: int, generator: torch.Generator,
+def _check_common(model: nn.Module, batch_size: int, generator: torch.Generator | Sequence[torch.Generator],
                   temperature: float, top_k: int | None) -> None:
     if model.training:
         raise ValueError("decoding: call model.eval() first (training-mode dropout and condition "
@@ -214,11 +222,16 @@ def _check_common(model: nn.Module, batch_size: int, generator: torch.Generator,
     if batch_size < 1:
         raise ValueError(f"decoding: batch_size must be >= 1, got {batch_size}")
     device = _model_device(model)
-    if not isinstance(generator, torch.Generator):
-        raise ValueError("decoding: an explicit torch.Generator is required (reproducibility)")
-    gdev = generator.device
-    if gdev.type != device.type or (gdev.index or 0) != (device.index or 0):
-        raise ValueError(f"decoding: generator is on {gdev} but the model is on {device}")
+    one = isinstance(generator, torch.Generator)
+    generators = [generator] if one else list(generator) if isinstance(generator, (list, tuple)) else []
+    if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError("decoding: an explicit torch.Generator, or a list of one per sample, is required "
+                         "(reproducibility)")
+    if not one and len(generators) != batch_size:
+        raise ValueError(f"decoding: {len(generators)} generators for a batch of {batch_size}")
+    for gdev in {g.device for g in generators}:
+        if gdev.type != device.type or (gdev.index or 0) != (device.index or 0):
+            raise ValueError(f"decoding: generator is on {gdev} but the model is on {device}")
     if temperature < 0:
         raise ValueError(f"decoding: temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -25,6 +26,7 @@ from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from core.config import stored_config
 from core.errors import UserError
 from core.pretrained import is_export, read_config
+from core.processes import shard_batches
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
 from transformer.decoding import CFG_SCHEDULES, maskgit_decode
@@ -189,30 +191,40 @@ def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpa
     return grid
 
 
+def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The generator of image ``index`` of a run seeded ``seed``: its seed is a hash of (seed, index)
+    (numpy's SeedSequence), so neighbouring seeds or indices draw unrelated streams."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
 @torch.no_grad()
 def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: int, steps: int = 8,
              attrs: torch.Tensor | None = None, init: torch.Tensor | None = None,
-             init_mask: torch.Tensor | None = None, progress: bool = True,
+             init_mask: torch.Tensor | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
              **decode_kwargs: Any) -> Iterator[torch.Tensor]:
-    """Yield uint8 image batches (B, 3, H, W). One generator seeded once: the stream is reproducible.
+    """Yield uint8 image batches (B, 3, H, W) of images 0..n-1, in batches [0, B), [B, 2B), ...
 
-    attrs: (A,) one condition for every sample, or (n, A) one per sample. init / init_mask: (1, N)
-    tokens to keep and positions to regenerate (inpainting). decode_kwargs go to maskgit_decode."""
+    Image i draws its random numbers from its own generator, ``image_generator(seed, i)``, so it is the
+    same image whichever images share its batch. shard=(rank, world): only the batches
+    ``core.processes.shard_batches`` gives that process (sample.py on several processes), the same
+    batches as with one process. attrs: (A,) one condition for every sample, or (n, A) one per sample.
+    init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting). decode_kwargs go
+    to maskgit_decode."""
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     h, w = tokenizer.grid
-    done = 0
-    with tqdm(total=n, desc="sampling", disable=not progress) as bar:
-        while done < n:
-            b = min(batch_size, n - done)
+    batches = shard_batches(n, batch_size, *shard)
+    with tqdm(total=sum(map(len, batches)), desc="sampling", disable=not progress) as bar:
+        for idx in batches:
+            b = len(idx)
             cond = None
             if attrs is not None:
-                rows = attrs.expand(b, -1) if attrs.dim() == 1 else attrs[done:done + b]
+                rows = attrs.expand(b, -1) if attrs.dim() == 1 else attrs[idx.start : idx.stop]
                 cond = {"attrs": rows.to(device)}
             extra = {}
             if init is not None:
                 extra = dict(init_tokens=init.expand(b, -1).to(device), init_mask=init_mask.expand(b, -1).to(device))
-            tokens = maskgit_decode(model, b, gen, steps=steps, cond=cond, **extra, **decode_kwargs)
+            generators = [image_generator(seed, i, device) for i in idx]
+            tokens = maskgit_decode(model, b, generators, steps=steps, cond=cond, **extra, **decode_kwargs)
             yield to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
-            done += b
             bar.update(b)

@@ -1,0 +1,42 @@
+"""Work split over the processes of ``accelerate launch`` / torchrun, for the scripts that do not train
+(``sample.py``, ``pretokenize.py``): which batches each process takes, and gathering results on rank 0.
+
+The items (images to sample, images to encode) are cut into fixed batches of consecutive indices,
+[0, B), [B, 2B), ..., and process r takes batches r, r + P, r + 2P, ... of them. A batch therefore holds
+the same items whatever the number of processes P, so the numbers computed for an item do not depend
+on P either (batched kernels are not required to give bit-identical rows for another batch shape).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def multi_cpu() -> bool:
+    """Several processes without CUDA (torchrun or ``accelerate launch --cpu``): data-parallel on CPU, gloo."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state() -> Any:
+    """Accelerate's PartialState: rank, number of processes, this process's device, barriers. One
+    process without a launcher; joining the others (a rendezvous) when started by one."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=multi_cpu())
+
+
+def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]:
+    """The index ranges of the batches of ``n`` items that process ``rank`` of ``world`` takes, in order."""
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [range(s, min(s + batch_size, n)) for s in starts]
+
+
+def gather_on_main(obj: Any, state: Any) -> list[Any] | None:
+    """Every process's ``obj``, in rank order, on the main process (None on the others); [obj] alone."""
+    if state.num_processes == 1:
+        return [obj]
+    out = [None] * state.num_processes if state.is_main_process else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
