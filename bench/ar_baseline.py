@@ -79,10 +79,13 @@ class CausalTransformer(MaskGIT):
         return self.cfg.num_codes  # MaskGIT's mask row of the embedding
 
     def new_cache(self, batch_size: int) -> Cache:
-        """Empty keys and values for a whole sequence, one pair per block."""
-        p = self.pos_emb
+        """Empty keys and values for a whole sequence, one pair per block, in the dtype the attention
+        computes in (autocast's when it is on, so that no step converts the whole cache)."""
+        device = self.pos_emb.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.pos_emb.dtype
         shape = (batch_size, self.cfg.heads, self.cfg.seq_len, self.cfg.dim // self.cfg.heads)
-        return [(p.new_empty(shape), p.new_empty(shape)) for _ in self.blocks]
+        return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                for _ in self.blocks]
 
     def forward(self, tokens: Tensor, cache: Cache | None = None, start: int = 0) -> Tensor:  # type: ignore[override]
         """tokens (B, L): the inputs at positions start .. start + L - 1 (start 0 is the start token)."""

@@ -195,3 +195,27 @@ def test_ar_baseline_cache_gives_the_uncached_causal_logits():
     gen = torch.Generator()
     a, b = ar_decode(model, 3, gen.manual_seed(1)), ar_decode(model, 3, gen.manual_seed(1))
     assert a.shape == (3, 12) and torch.equal(a, b) and 0 <= a.min() and a.max() < 16
+
+
+def test_gpu_rows_script_refuses_clearly_without_cuda(tmp_path):
+    """bench/gpu_rows.sh is the one command for the GPU rows; without CUDA it says so and exits 2, writing nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, "OUT": str(tmp_path / "gpu")}
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu_rows.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: bench/gpu_rows.sh needs a CUDA GPU")
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_profile_step_profiles_both_training_loops(tmp_path):
+    """bench/profile_step.py runs each training script's loop under the profiler: an op table per stage
+    whose shares add up to at most 1, and the matmul / convolution ops among the top ones."""
+    out = tmp_path / "profile.json"
+    run_script(ROOT / "bench/profile_step.py", "--smoke", "--skip", "1", "--steps", "2", "--top", "40", "--out", out)
+    tok, mg = json.loads(out.read_text())["rows"]
+    assert (tok["stage"], mg["stage"]) == ("tokenizer", "maskgit")
+    for r, op in ((tok, "aten::mkldnn_convolution"), (mg, "aten::addmm")):
+        assert r["steps_per_s"] > 0 and 0 < sum(e["share"] for e in r["top"]) <= 1 + 1e-9
+        assert op in [e["op"] for e in r["top"]]
