@@ -8,8 +8,11 @@ One training step is what the training scripts do per step, without Accelerate o
 (inputs are random tensors already on the device; ``bench_loader.py`` measures the loader):
 * tokenizer: ``bench_loader.Trainer`` (the preset's VQModel with all VQ fixes, L1 + VQ loss, AdamW,
   gradient clipping, EMA update);
-* MaskGIT (``MaskGITTrainer``, also used by bench_stage_two.py): mask a batch of code grids with the
-  cosine schedule, masked cross-entropy, gradient clipping at 1, AdamW (betas 0.9/0.96, wd 0.045).
+* MaskGIT (``MaskGITTrainer``, also used by bench_stage_two.py): the model train_maskgit.py's preset of
+  that name trains (its dropout settings included: the tiny preset has no attention dropout, which
+  on CPU lets scaled_dot_product_attention use its fused kernel instead of the unfused math path);
+  mask a batch of code grids with the cosine schedule, masked cross-entropy, gradient clipping at 1,
+  AdamW (betas 0.9/0.96, wd 0.045).
 
 FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 convolutions, attention; forward + backward) on the real batch; MFU = counted FLOPs per second /
@@ -20,6 +23,7 @@ precision used; on CPU MFU is left out unless ``--peak-tflops`` is given. Peak m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -36,7 +40,8 @@ from bench_loader import Trainer, write_json  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer import preset as tokenizer_preset  # noqa: E402
-from transformer import build_maskgit, mask_tokens, masked_ce_loss  # noqa: E402
+from train_maskgit import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
+from transformer import MaskGIT, mask_tokens, masked_ce_loss  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s from the vendor data sheets (SXM parts). "fp32" runs with TF32
 # matmuls/convolutions enabled (as below), so its peak is the TF32 one.
@@ -54,11 +59,13 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 
 class MaskGITTrainer:
-    """One MaskGIT training step as in train_maskgit.py, without Accelerate, EMA or the LR schedule."""
+    """One MaskGIT training step as in train_maskgit.py (the model of its preset ``preset_name``), without
+    Accelerate, EMA or the LR schedule."""
 
     def __init__(self, preset_name: str, num_codes: int, grid: tuple[int, int], device: torch.device) -> None:
         torch.manual_seed(0)
-        self.model = build_maskgit(preset_name, num_codes, grid).to(device).train()
+        cfg = dataclasses.replace(MASKGIT_TRAIN_PRESETS[preset_name].model, num_codes=num_codes, grid=tuple(grid))
+        self.model = MaskGIT(cfg).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045)
 
     def step(self, tokens: torch.Tensor) -> None:
