@@ -15,7 +15,7 @@ One training step is what the training scripts do per step, without Accelerate o
   AdamW (betas 0.9/0.96, wd 0.045).
 
 FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-convolutions, attention; forward + backward) on the real batch; MFU = counted FLOPs per second /
+convolutions, attention through the math kernel; forward + backward) on the real batch; MFU = counted FLOPs per second /
 the chip's dense peak. The peak comes from ``--peak-tflops`` or, on CUDA, from the table below for the
 precision used; on CPU MFU is left out unless ``--peak-tflops`` is given. Peak memory is
 ``torch.cuda.max_memory_allocated`` (CUDA only). Prints a table, writes JSON.
@@ -37,6 +37,7 @@ for path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 
 import torch  # noqa: E402
 from bench_loader import Trainer, write_json  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer import preset as tokenizer_preset  # noqa: E402
@@ -86,7 +87,10 @@ def measure(name: str, step, batch, params: int, tokens_per_image: int, a, devic
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with autocast(), FlopCounterMode(display=False) as counter:  # also the first warm-up step
+    # also the first warm-up step. Attention through SDPA's math kernel here: the counter has no formula
+    # for the fused CPU kernel (it would count no attention FLOPs), and the model's FLOPs do not depend
+    # on the kernel that computes them.
+    with autocast(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         step(batch)
     flops = counter.get_total_flops()
     with autocast():
