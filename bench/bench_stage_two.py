@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 from contextlib import nullcontext
 
 import torch
