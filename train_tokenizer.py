@@ -174,7 +174,7 @@ def main() -> None:
                 try:
                     with accelerator.autocast():
                         x_rec, info = model(x)
-                        loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer)
+                        loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer, as_tensors=True)
                 except NonFiniteInputError:
                     loss, logs = torch.tensor(float("nan"), device=accelerator.device), {}
                 if guard.bad(loss.detach()):
@@ -189,14 +189,14 @@ def main() -> None:
                 if opt_d is not None and loss_fn.gan_active(step):
                     opt_d.zero_grad(set_to_none=True)  # drop what the generator loss left there
                     with accelerator.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec.detach(), step)
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec.detach(), step, as_tensors=True)
                     accelerator.backward(d_loss)
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
             window_counts += code_histogram(info["q"], raw.num_codes)
-            window.add({**logs, "loss": loss.item(), "perplexity": info["perplexity"].item(),
-                        "codes_used": info["codes_used"].item()}, items=x.shape[0] * accelerator.num_processes)
+            window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"]},
+                       items=x.shape[0] * accelerator.num_processes)  # summed on the device: no sync per step
         if skipped:
             accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")
         if kmeans_pending and not raw_kmeans_pending(raw):

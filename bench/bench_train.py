@@ -8,11 +8,14 @@ One training step is what the training scripts do per step, without Accelerate o
 (inputs are random tensors already on the device; ``bench_loader.py`` measures the loader):
 * tokenizer: ``bench_loader.Trainer`` (the preset's VQModel with all VQ fixes, L1 + VQ loss, AdamW,
   gradient clipping, EMA update);
-* MaskGIT (``MaskGITTrainer``, also used by bench_stage_two.py): mask a batch of code grids with the
-  cosine schedule, masked cross-entropy, gradient clipping at 1, AdamW (betas 0.9/0.96, wd 0.045).
+* MaskGIT (``MaskGITTrainer``, also used by bench_stage_two.py): the model train_maskgit.py's preset of
+  that name trains (its dropout settings included: the tiny preset has no attention dropout, which
+  on CPU lets scaled_dot_product_attention use its fused kernel instead of the unfused math path);
+  mask a batch of code grids with the cosine schedule, masked cross-entropy, gradient clipping at 1,
+  AdamW (betas 0.9/0.96, wd 0.045).
 
 FLOPs per step are counted once by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-convolutions, attention; forward + backward) on the real batch; MFU = counted FLOPs per second /
+convolutions, attention through the math kernel; forward + backward) on the real batch; MFU = counted FLOPs per second /
 the chip's dense peak. The peak comes from ``--peak-tflops`` or, on CUDA, from the table below for the
 precision used; on CPU MFU is left out unless ``--peak-tflops`` is given. Peak memory is
 ``torch.cuda.max_memory_allocated`` (CUDA only). Prints a table, writes JSON.
@@ -20,6 +23,7 @@ precision used; on CPU MFU is left out unless ``--peak-tflops`` is given. Peak m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -33,10 +37,12 @@ for path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 
 import torch  # noqa: E402
 from bench_loader import Trainer, write_json  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer import preset as tokenizer_preset  # noqa: E402
-from transformer import build_maskgit, mask_tokens, masked_ce_loss  # noqa: E402
+from train_maskgit import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
+from transformer import MaskGIT, mask_tokens, masked_ce_loss  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s from the vendor data sheets (SXM parts). "fp32" runs with TF32
 # matmuls/convolutions enabled (as below), so its peak is the TF32 one.
@@ -54,11 +60,13 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 
 class MaskGITTrainer:
-    """One MaskGIT training step as in train_maskgit.py, without Accelerate, EMA or the LR schedule."""
+    """One MaskGIT training step as in train_maskgit.py (the model of its preset ``preset_name``), without
+    Accelerate, EMA or the LR schedule."""
 
     def __init__(self, preset_name: str, num_codes: int, grid: tuple[int, int], device: torch.device) -> None:
         torch.manual_seed(0)
-        self.model = build_maskgit(preset_name, num_codes, grid).to(device).train()
+        cfg = dataclasses.replace(MASKGIT_TRAIN_PRESETS[preset_name].model, num_codes=num_codes, grid=tuple(grid))
+        self.model = MaskGIT(cfg).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045)
 
     def step(self, tokens: torch.Tensor) -> None:
@@ -79,7 +87,10 @@ def measure(name: str, step, batch, params: int, tokens_per_image: int, a, devic
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with autocast(), FlopCounterMode(display=False) as counter:  # also the first warm-up step
+    # also the first warm-up step. Attention through SDPA's math kernel here: the counter has no formula
+    # for the fused CPU kernel (it would count no attention FLOPs), and the model's FLOPs do not depend
+    # on the kernel that computes them.
+    with autocast(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         step(batch)
     flops = counter.get_total_flops()
     with autocast():

@@ -33,7 +33,10 @@ def test_stage_two_bench(tmp_path):
     assert r["tokens_per_image"] == 64 and r["maskgit_preset"] == "tiny"
     t = r["train_steps_per_s"]  # the ratio is the two measured rates' (no speed is asserted: the machine is shared)
     assert t["ratio"] == pytest.approx(t["from_codes"] / t["encode_on_the_fly"])
-    assert set(r["sampling_images_per_s"]) >= {"maskgit_T8", "maskgit_T12", "sequential", "speedup_T8_vs_sequential"}
+    s = r["sampling_images_per_s"]
+    assert set(s) >= {"maskgit_T8", "maskgit_T12", "ar_kv_cache", "bidirectional_n_passes"}
+    assert s["speedup_T8_vs_ar_kv_cache"] == pytest.approx(s["maskgit_T8"] / s["ar_kv_cache"])
+    assert r["ar_params_M"] == pytest.approx(r["maskgit_params_M"])  # the same size
 
 
 def test_loader_bench(face_folder, tmp_path):
@@ -169,3 +172,60 @@ def test_kmeans_bench_toy_size(tmp_path):
     for method in ("one_at_a_time", "batched"):
         r = row[method]
         assert r["complete"] and 0 < r["error_lloyd"] <= r["error_seeded"]  # a Lloyd step never raises the error
+
+
+def test_ar_baseline_cache_gives_the_uncached_causal_logits():
+    """The AR bench baseline: decoding with the KV cache (one token at a time, or a chunk after a prefix)
+    gives the logits of the uncached causal forward pass, and a later token never changes an earlier logit."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ar_baseline import CausalTransformer, ar_decode
+
+    from transformer import MaskGITConfig
+
+    torch.manual_seed(0)
+    model = CausalTransformer(MaskGITConfig(num_codes=16, grid=(3, 4), dim=32, depth=2, heads=2)).eval()
+    inputs = torch.cat([torch.full((2, 1), model.start_id), torch.randint(0, 16, (2, 11))], dim=1)  # (B, N)
+    with torch.no_grad():
+        full = model(inputs)  # (2, 12, 16)
+        cache = model.new_cache(2)
+        stepwise = torch.cat([model(inputs[:, i:i + 1], cache, start=i) for i in range(12)], dim=1)
+        cache = model.new_cache(2)
+        chunked = torch.cat([model(inputs[:, :5], cache), model(inputs[:, 5:9], cache, start=5),
+                             model(inputs[:, 9:], cache, start=9)], dim=1)
+        changed = inputs.clone()
+        changed[:, 7] = (changed[:, 7] + 1) % 16
+        later = model(changed)
+    torch.testing.assert_close(stepwise, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(later[:, :7], full[:, :7]) and not torch.allclose(later[:, 7:], full[:, 7:])
+    gen = torch.Generator()
+    a, b = ar_decode(model, 3, gen.manual_seed(1)), ar_decode(model, 3, gen.manual_seed(1))
+    assert a.shape == (3, 12) and torch.equal(a, b) and 0 <= a.min() and a.max() < 16
+
+
+def test_gpu_rows_script_refuses_clearly_without_cuda(tmp_path):
+    """bench/gpu_rows.sh is the one command for the GPU rows; without CUDA it says so and exits 2, writing nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PY": sys.executable, "OUT": str(tmp_path / "gpu")}
+    out = subprocess.run(["bash", str(ROOT / "bench/gpu_rows.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: bench/gpu_rows.sh needs a CUDA GPU")
+    assert not (tmp_path / "gpu").exists()
+
+
+def test_profile_step_profiles_both_training_loops(tmp_path):
+    """bench/profile_step.py runs each training script's loop under the profiler: an op table per stage
+    whose shares add up to at most 1, and the matmul / convolution ops among the top ones."""
+    out = tmp_path / "profile.json"
+    run_script(ROOT / "bench/profile_step.py", "--smoke", "--skip", "1", "--steps", "2", "--top", "40", "--out", out)
+    tok, mg = json.loads(out.read_text())["rows"]
+    assert (tok["stage"], mg["stage"]) == ("tokenizer", "maskgit")
+    for r, op in ((tok, "aten::mkldnn_convolution"), (mg, "aten::addmm")):
+        assert r["steps_per_s"] > 0 and 0 < sum(e["share"] for e in r["top"]) <= 1 + 1e-9
+        assert op in [e["op"] for e in r["top"]]

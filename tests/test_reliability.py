@@ -246,6 +246,24 @@ def test_skip_policy_limit_and_refusal_of_non_finite_weights(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
+def test_metric_window_sums_tensors_on_the_device_like_floats():
+    """Tensors (summed where they live, read once per window) average to exactly what their floats give;
+    a key missing from a step adds nothing to it but the step still counts."""
+    from training.run import MetricWindow
+
+    steps = [{"loss": torch.tensor(v, dtype=torch.float32), "acc": torch.tensor(a)} for v, a in
+             ((0.1, 0.25), (1 / 3, 0.5), (2.7, 0.125))]
+    steps[1]["gan"] = torch.tensor(0.3)
+    floats, tensors = MetricWindow(), MetricWindow()
+    for values in steps:
+        floats.add({k: v.item() for k, v in values.items()}, items=4)
+        tensors.add(values, items=4)
+    expected, got = floats.averages("rate"), tensors.averages("rate")
+    assert {k: v for k, v in got.items() if k != "rate"} == {k: v for k, v in expected.items() if k != "rate"}
+    assert all(type(v) is float for v in got.values()) and got["gan"] == pytest.approx(0.1)
+    assert tensors.sums == {} and tensors.count == 0  # a new window
+
+
 def test_logged_averages_after_a_resume_off_a_log_boundary(entry, tiny_runs, tmp_path):
     """Resumed at step 3 with log_every=4, the step-4 record averages one step (it used to divide by 4)."""
     common = ["--codes", tiny_runs["codes"], "--tokenizer", tiny_runs["tokenizer"], "optim.batch_size=8",

@@ -91,8 +91,10 @@ class TokenizerLoss(nn.Module):
         return self.discriminator is not None and step >= self.cfg.adversarial_start
 
     def generator_loss(self, x: Tensor, x_rec: Tensor, vq_loss: Tensor, step: int,
-                       last_layer: nn.Parameter | None) -> tuple[Tensor, dict[str, float]]:
-        """Total autoencoder loss and float logs (recon, perceptual, vq, gan, adaptive_weight, loss).
+                       last_layer: nn.Parameter | None, as_tensors: bool = False) -> tuple[Tensor, dict]:
+        """Total autoencoder loss and float logs (recon, perceptual, vq, gan, adaptive_weight, loss);
+        with ``as_tensors`` the logs are detached scalar tensors left on the device, so that a training
+        loop that sums them on the device (training.run.MetricWindow) syncs once per log line, not per step.
 
         x, x_rec: (B, 3, H, W) in [-1, 1]; vq_loss: the quantizer's scalar loss; last_layer: the
         decoder's final conv weight, needed for the adaptive weight once the GAN term is active. Where
@@ -125,10 +127,11 @@ class TokenizerLoss(nn.Module):
 
         names = ("recon", "perceptual", "vq", "gan", "adaptive_weight", "loss")
         values = torch.stack([t.detach().float() for t in (recon, perceptual, vq_loss, gan, weight, total)])
-        return total, dict(zip(names, values.tolist()))  # one device sync for all logs
+        return total, dict(zip(names, values.unbind() if as_tensors else values.tolist()))  # at most one sync
 
-    def discriminator_loss(self, x: Tensor, x_rec: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
-        """Hinge loss ``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))))`` (taming's factor 0.5).
+    def discriminator_loss(self, x: Tensor, x_rec: Tensor, step: int, as_tensors: bool = False) -> tuple[Tensor, dict]:
+        """Hinge loss ``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_rec))))`` (taming's factor 0.5);
+        logs as in ``generator_loss``.
 
         x_rec is detached: this loss trains the discriminator only. Before ``adversarial_start`` or when
         the GAN is disabled it returns a zero tensor with no graph (skip its backward: check
@@ -142,4 +145,4 @@ class TokenizerLoss(nn.Module):
         # The factor 0.5 keeps taming's scale, so its discriminator learning rates carry over.
         loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         values = torch.stack([loss.detach(), logits_real.detach().mean(), logits_fake.detach().mean()]).float()
-        return loss, dict(zip(("disc_loss", "logits_real", "logits_fake"), values.tolist()))
+        return loss, dict(zip(("disc_loss", "logits_real", "logits_fake"), values.unbind() if as_tensors else values.tolist()))

@@ -22,9 +22,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        # One fused call for all parameters (torch._foreach_*: the same lerp per tensor, without a
+        # Python round trip and a kernel launch per parameter); buffers are few and copied as they are.
         ema_params = dict(self.model.named_parameters())
-        for name, p in model.named_parameters():
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - self.decay)
+        pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+        torch._foreach_lerp_([e for e, _ in pairs], [p.to(e.dtype) for e, p in pairs], 1.0 - self.decay)
         ema_buffers = dict(self.model.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)

@@ -141,20 +141,29 @@ class JsonlLog:
 
 class MetricWindow:
     """Per-step metrics summed since the last log line. Averages divide by the steps actually summed:
-    the first window after a resume off a log boundary is shorter, and skipped steps add nothing."""
+    the first window after a resume off a log boundary is shorter, and skipped steps add nothing.
+
+    Values may be floats or scalar tensors. Tensors are summed where they live (in float64, as Python
+    floats would be), so a step costs no host sync: the device is read once per log line, in
+    ``averages``, not once per step for every metric."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float | torch.Tensor] = {}
         self.count, self.items, self.t0 = 0, 0, time.time()
 
-    def add(self, values: dict[str, float], items: int) -> None:
+    def add(self, values: dict[str, float | torch.Tensor], items: int) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            v = v.detach().reshape(()).double() if isinstance(v, torch.Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         self.items += items
 
     def averages(self, rate_name: str) -> dict[str, float]:
         """The window's means and ``rate_name`` (items per second); then start a new window."""
+        on_device = {k: v for k, v in self.sums.items() if isinstance(v, torch.Tensor)}
+        if on_device:  # one read of the device for the whole window
+            device = next(iter(on_device.values())).device
+            self.sums.update(zip(on_device, torch.stack([v.to(device) for v in on_device.values()]).tolist()))
         out = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
         out[rate_name] = self.items / max(time.time() - self.t0, 1e-9)
         self.__init__()
