@@ -289,9 +289,9 @@ def write_pages(out: Path, meta: dict, lines: list[str]) -> None:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Generation ladder</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}}
 img{{max-width:100%;image-rendering:pixelated}}table{{border-collapse:collapse;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.wrap{{overflow-x:auto}}</style></head><body>
+td:first-child,th:first-child{{text-align:left}}.wrap{{overflow-x:auto}}img.strip{{max-width:none;height:300px}}</style></head><body>
 <h1>Generation ladder ({html.escape(meta['setting'])})</h1>
-<p><img src="samples.png" alt="samples of every rung"></p>
+<div class="wrap"><img class="strip" src="samples.png" alt="samples of every rung"></div>
 <div class="wrap"><table><tr>{cells(rows[0], 'th')}</tr>{''.join(f'<tr>{cells(r, "td")}</tr>' for r in rows[1:])}</table></div>
 <p>Mean ± half the range over seeds. SWD x1e3 between {meta['samples']} samples and {meta['reference']['val']}
 held-out real images; the floor row scores {meta['reference']['train']} real train images the same way.</p>
