@@ -36,9 +36,13 @@ import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for path in (ROOT, HERE):  # the repo's packages; bench_vq next to us
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_vq import fmt  # noqa: E402
 
 SIZES = [(16384, 64, 1024), (16384, 256, 1024), (65536, 64, 16384)]
 SEARCH = [(65536, 64, 65536)]
@@ -149,10 +153,6 @@ def run_worker(a: argparse.Namespace, config: str, n: int, d: int, k: int) -> di
     if p.returncode != 0:
         raise SystemExit(f"bench_vqtorch: worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -36,6 +36,15 @@ def check_input(quantizer: nn.Module, z_e: Tensor) -> None:
                          f"got input of shape {tuple(z_e.shape)}")
 
 
+def check_finite(quantizer: nn.Module, z_e: Tensor) -> None:
+    """Refuse an input holding NaN/inf (the encoder diverged; the trainers skip such a step). One host
+    sync. One reduction is the fast check; the exact one runs only when it trips, so a finite input whose
+    sum overflows is not refused."""
+    if not torch.isfinite(z_e.sum()) and not torch.isfinite(z_e).all():
+        raise NonFiniteInputError(f"{type(quantizer).__name__} input contains NaN or inf (the encoder diverged); "
+                                  "refusing to assign codes")
+
+
 def _check_norm(name: str | None, what: str) -> str | None:
     if isinstance(name, str) and name.lower() == "none":
         name = None
@@ -190,10 +199,7 @@ class VectorQuant(nn.Module):
     # ---- forward --------------------------------------------------------------------------------
     def _check_input(self, z_e: Tensor) -> None:
         check_input(self, z_e)
-        # One reduction is the fast check; the exact one runs only when it trips (a finite input whose sum
-        # overflows is not refused).
-        if not torch.isfinite(z_e.sum()) and not torch.isfinite(z_e).all():
-            raise NonFiniteInputError("VectorQuant input contains NaN or inf (the encoder diverged); refusing to assign codes")
+        check_finite(self, z_e)
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
         self._check_input(z_e)

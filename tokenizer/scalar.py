@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokenizer.estimators import quantizer_output
 from tokenizer.kmeans import code_histogram, perplexity
-from tokenizer.quantizer import NonFiniteInputError, check_input
+from tokenizer.quantizer import check_finite, check_input
 
 
 class GridQuant(nn.Module):
@@ -26,7 +27,8 @@ class GridQuant(nn.Module):
     Subclasses define ``_grid(z) -> (z_b, codes, q)``: the continuous value that gets rounded (carries
     the gradient), the grid point it rounds to (a constant) and its index; ``grid_codes(indices)``, the
     inverse of the index map; and optionally ``_losses``. The output is the straight-through estimate
-    ``codes + (z_b - sg(z_b))``, so its value is exactly the grid point, projected back.
+    ``codes + (z_b - sg(z_b))`` (``tokenizer.estimators.quantizer_output``), so its value is exactly the
+    grid point, projected back.
 
     ``info`` as ``VectorQuant``'s: ``q``, ``z`` (= z_b) and ``z_q`` (= codes) in the grid's space with
     features on ``dim``, ``d`` = ||z_b - codes||^2, ``loss``, ``perplexity``, ``codes_used``; the
@@ -67,14 +69,13 @@ class GridQuant(nn.Module):
 
     def forward(self, z_e: Tensor) -> tuple[Tensor, dict[str, Any]]:
         check_input(self, z_e)
-        if not torch.isfinite(z_e).all():  # as VectorQuant: the trainers skip such a step
-            raise NonFiniteInputError(f"{type(self).__name__} input contains NaN or inf (the encoder diverged)")
+        check_finite(self, z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z_m = z_e.float().movedim(self.dim, -1)  # (..., feature_size)
             spatial = z_m.shape[:-1]
             z = self.project_in(z_m.reshape(-1, self.feature_size))  # (N, channels)
             z_b, codes, q = self._grid(z)
-            out = self.project_out(codes + (z_b - z_b.detach()))  # value: the grid point, projected back
+            out = self.project_out(quantizer_output(z_b, codes))  # value: the grid point, projected back
             losses = self._losses(z, z_b, codes)
             zero = z.new_zeros(())
             counts = code_histogram(q, self.num_codes)
