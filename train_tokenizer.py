@@ -174,7 +174,8 @@ def main() -> None:
                 try:
                     with accelerator.autocast():
                         x_rec, info = model(x)
-                        loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer, as_tensors=True)
+                        loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer, as_tensors=True,
+                                                            vq_unscaled=info.get("entropy_loss"))
                 except NonFiniteInputError:
                     loss, logs = torch.tensor(float("nan"), device=accelerator.device), {}
                 if guard.bad(loss.detach()):
@@ -195,7 +196,8 @@ def main() -> None:
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
             window_counts += code_histogram(info["q"], raw.num_codes)
-            window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"]},
+            window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"],
+                        "quant_error": info["quant_error"]},
                        items=x.shape[0] * accelerator.num_processes)  # summed on the device: no sync per step
         if skipped:
             accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")

@@ -129,7 +129,8 @@ class Trainer:
     def step(self, x: torch.Tensor) -> None:
         x = x.to(self.device, non_blocking=True)
         x_rec, info = self.model(x)
-        loss, _ = self.loss_fn.generator_loss(x, x_rec, info["loss"], self.step_count, self.model.last_layer)
+        loss, _ = self.loss_fn.generator_loss(x, x_rec, info["loss"], self.step_count, self.model.last_layer,
+                                                vq_unscaled=info.get("entropy_loss"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.opt.step()

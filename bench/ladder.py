@@ -1,6 +1,7 @@
 """The paper's claim, rung by rung: the whole pipeline once per VQ variant and seed, scored on generation.
 
-    python bench/ladder.py                          # CPU budget, shared CelebA copy, 32x32, seeds 0 1 (`make ladder`)
+    python bench/ladder.py                          # CPU budget, shared CelebA copy, 32x32, seeds 0-4 (`make ladder`)
+    python bench/ladder.py --setting cpu_long --rungs baseline l2_replace all --seeds 0 1 2  # 2x / 4x the steps
     python bench/ladder.py & python bench/ladder.py # two copies share the runs (per-run locks)
     python bench/ladder.py --setting gpu64          # one GPU: 64x64, the celeba64 presets (not run here)
     python bench/ladder.py --data /path/to/images --rungs baseline opt_affine --seeds 0
@@ -20,6 +21,15 @@ Scores: SWD (sliced Wasserstein distance, Karras et al. 2018; x1e3, labelled as 
 samples and the held-out images of the split, always; FID and KID only when the standard Inception
 weights are found (``eval/inception.py`` says where it looks). The floors are the same statistics
 between real *train* images and the same held-out images: how far from real faces a rung is.
+
+Statistics: every rung is compared with +l2 +replace seed by seed (the same seed is the same data order
+and the same initial weights, so the difference of a pair is free of both), with the mean paired
+difference, its 95 % confidence interval (Student t over the seeds) and the paired t-test's p-value. A
+rung is called better or worse only where the interval excludes zero; otherwise "not separated".
+
+Record: every finished run's numbers are also kept in ``bench/results/ladder_<setting>.json`` (with the
+commit that ran it), which is committed, so a ladder spread over several sessions or machines adds up:
+runs in the record count as done; the table is built from the record and the run directories.
 
 Resumable: each finished stage of each run is recorded in ``<runs-dir>/<rung>/seed<k>/stages.json``
 and training stages resume from their checkpoints, so a killed ladder continues where it stopped
@@ -55,10 +65,13 @@ from PIL import Image  # noqa: E402
 
 from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402
 
-RUNGS = ["baseline", "l2_replace", "affine", "opt", "opt_affine", "all"]
+RUNGS = ["l2_replace", "baseline", "all", "seed_recipe", "opt_commit", "opt", "opt_renorm", "affine", "opt_affine"]
 LABELS = {"baseline": "baseline", "l2_replace": "+l2 +replace", "affine": "+affine", "opt": "+OPT",
-          "opt_affine": "+OPT +affine", "all": "all (+k-means)", "fsq": "FSQ", "lfq": "LFQ",
-          "rotation": "VQ + rotation trick", "simvq": "SimVQ"}
+          "opt_affine": "+OPT +affine", "all": "all (+k-means)", "opt_commit": "+OPT, commitment kept",
+          "opt_renorm": "+OPT, W renormalized", "seed_recipe": "reference's recommended layer", "fsq": "FSQ",
+          "lfq": "LFQ", "rotation": "VQ + rotation trick", "simvq": "SimVQ"}
+REFERENCE_RUNG = "l2_replace"  # every rung is compared with this one, seed by seed
+RECORDS = ROOT / "bench" / "results"
 # The paper's MaskGIT-on-CelebA generation FID (read off its figure, about +-0.5); other rungs not reported.
 PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
 PAPER_RFID = {"baseline": 93.8, "l2_replace": 86.3, "opt_affine": 74.2}
@@ -70,6 +83,9 @@ PAPER_RFID = {"baseline": 93.8, "l2_replace": 86.3, "opt_affine": 74.2}
 SETTINGS = {
     "cpu": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=1000, mg_steps=600, samples=1000,
                 reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=[]),
+    # The same with 2x the tokenizer's and 4x MaskGIT's steps: does the budget decide the ranking?
+    "cpu_long": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=2000, mg_steps=2400, samples=1000,
+                     reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=[]),
     "gpu64": dict(resolution=64, tok_preset="celeba64", mg_preset="celeba64", tok_steps=20_000, mg_steps=40_000,
                   samples=10_000, reference=10_000, tok_args=["data.num_workers=8"], mg_args=[]),
     "smoke": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=2, mg_steps=2, samples=8,
@@ -77,6 +93,42 @@ SETTINGS = {
                   mg_args=["optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"]),
 }
 STAGES = ("tokenizer", "codes", "maskgit", "sample", "score", "recon")
+
+
+def git_commit() -> str:
+    p = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return p.stdout.strip() if p.returncode == 0 else "unknown"
+
+
+def load_record(path: Path | None, setting: str, folder: str) -> dict:
+    """The runs finished so far in this setting (any session, any machine); refuses a record made on other data."""
+    data = Path(folder).name
+    if path is None or not path.exists():
+        return {"setting": setting, "data": data, "runs": {}}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"ladder: cannot read the record {path}: {e}; fix or move it (or pass --record none)")
+    if record.get("setting") != setting or record.get("data") != data:
+        raise SystemExit(f"ladder: the record {path} holds setting {record.get('setting')!r} on data "
+                         f"{record.get('data')!r}, not {setting!r} on {data!r}; pass --record with another file")
+    return record
+
+
+def add_to_record(path: Path, record: dict, rung: str, key: str, entry: dict) -> None:
+    """Add one run and write the record, merged with what other ladder processes wrote meanwhile."""
+    try:
+        on_disk = json.loads(path.read_text())["runs"] if path.exists() else {}
+    except (OSError, json.JSONDecodeError, KeyError):
+        on_disk = {}  # unreadable now: keep this process's view
+    for r, seeds in on_disk.items():
+        for k, v in seeds.items():
+            record["runs"].setdefault(r, {}).setdefault(k, v)
+    record["runs"].setdefault(rung, {})[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a killed ladder never leaves half a record
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -207,9 +259,10 @@ def collect(d: Path) -> dict:
     gen = json.loads((d / "eval" / "generation.json").read_text())["metrics"]
     rec = json.loads((d / "eval" / "reconstruction.json").read_text())["metrics"]
     log = [json.loads(line) for line in (d / "tokenizer" / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = [r["vq"] for r in log[-4:] if "vq" in r]  # the VQ loss's value is mean((z - z_q)^2) for every rung
     out = {"psnr": tok["psnr"], "perplexity": tok["perplexity"], "codes_used": tok["codes_used"],
            "num_codes": tok["num_codes"], "masked_accuracy": mg.get("val_accuracy"), "swd": gen["SWD_x1e3_mean"],
-           "rswd": rec["SWD_x1e3_mean"],
+           "rswd": rec["SWD_x1e3_mean"], "ste_error": statistics.fmean(last) if last else None,
            "usage_curve": [(r["step"], r["window_codes_used"]) for r in log]}
     for key in ("FID", "KID_mean"):
         if key in gen:
@@ -219,19 +272,48 @@ def collect(d: Path) -> dict:
     return out
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half the range (max - min) / 2 over seeds; 0 spread for one seed."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(a: dict, b: dict, key: str) -> dict | None:
+    """Paired comparison of ``key`` between runs ``a`` and ``b`` (seed -> numbers) on their common seeds:
+    the differences a - b, their mean, 95 % confidence interval (Student t, n - 1 degrees of freedom)
+    and the paired t-test's two-sided p-value. None with fewer than two common seeds."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b), key=lambda k: int(k.removeprefix("seed")))
+    diffs = [a[k][key] - b[k][key] for k in seeds if a[k].get(key) is not None and b[k].get(key) is not None]
+    if len(diffs) < 2:
+        return None
+    n, m = len(diffs), statistics.fmean(diffs)
+    sd = statistics.stdev(diffs)
+    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if m != 0 else 1.0)
+    return {"n": n, "diffs": diffs, "mean": m, "ci": [m - half, m + half], "p": p}
+
+
+def verdict(c: dict | None, lower_is_better: bool = True) -> str:
+    if c is None:
+        return "fewer than 2 paired seeds"
+    lo, hi = c["ci"]
+    if lo <= 0 <= hi:
+        return "not separated"
+    return "better" if (hi < 0) == lower_is_better else "worse"
 
 
 COLUMNS = [("psnr", "tokenizer PSNR dB", ".2f"), ("perplexity", "perplexity", ".1f"), ("codes_used", "codes used", ".1%"),
-           ("rswd", "reconstruction SWD x1e3", ".2f"), ("rfid", "reconstruction FID", ".2f"),
-           ("masked_accuracy", "MaskGIT masked acc.", ".3f"), ("swd", "generation SWD x1e3", ".2f"),
-           ("fid", "generation FID", ".2f"), ("kid", "KID", ".4f")]
+           ("ste_error", "STE error", ".4f"), ("rswd", "reconstruction SWD x1e3", ".2f"),
+           ("rfid", "reconstruction FID", ".2f"), ("masked_accuracy", "MaskGIT masked acc.", ".3f"),
+           ("swd", "generation SWD x1e3", ".2f"), ("fid", "generation FID", ".2f"), ("kid", "KID", ".4f")]
+# The paired comparisons shown: (key, label, lower is better)
+COMPARED = [("swd", "generation SWD x1e3", True), ("rswd", "reconstruction SWD x1e3", True),
+            ("psnr", "tokenizer PSNR dB", False), ("fid", "generation FID", True)]
 
 
 def table(results: dict, floors: dict) -> tuple[list[str], list[str]]:
-    cols = [c for c in COLUMNS if any(c[0] in r for runs in results.values() for r in runs.values())]
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for runs in results.values() for r in runs.values())]
     header = ["rung", "seeds", *[c[1] for c in cols], "paper rFID", "paper FID"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rung, runs in results.items():
@@ -241,14 +323,40 @@ def table(results: dict, floors: dict) -> tuple[list[str], list[str]]:
             if not vals:
                 cells.append("n/a")
                 continue
-            m, sp = mean_spread(vals)
-            cells.append(f"{format(m, spec)} ± {format(sp, spec)}" if len(vals) > 1 else format(m, spec))
+            m, sd = mean_sd(vals)
+            cells.append(f"{format(m, spec)} ± {format(sd, spec)}" if len(vals) > 1 else format(m, spec))
         cells += [str(PAPER_RFID.get(rung, "—")), str(PAPER_FID.get(rung, "—"))]
         lines.append("| " + " | ".join(cells) + " |")
-    floor_cells = ["real train images (floor)", "—"] + [
-        format(floors[k], spec) if k in floors else "—" for k, _, spec in cols] + ["—", "—"]
+    # Generation is scored against held-out images, so real train images set its floor; reconstruction
+    # SWD is paired (each image against its own reconstruction), so its floor is 0.
+    floor_of = {**floors, "rswd": 0.0}
+    floor_cells = ["real images (floor)", "—"] + [
+        format(floor_of[k], spec) if k in floor_of else "—" for k, _, spec in cols] + ["—", "—"]
     lines.append("| " + " | ".join(floor_cells) + " |")
     return header, lines
+
+
+def comparisons(results: dict) -> tuple[dict, list[str]]:
+    """Every rung against ``REFERENCE_RUNG``, paired by seed; a markdown table and the raw numbers."""
+    ref = results.get(REFERENCE_RUNG, {})
+    keys = [c for c in COMPARED if any(r.get(c[0]) is not None for runs in results.values() for r in runs.values())]
+    header = ["rung", "paired seeds", *[f"{label}: difference [95% CI], p" for _, label, _ in keys],
+              "verdict (generation SWD)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    raw: dict = {}
+    for rung, runs in results.items():
+        if rung == REFERENCE_RUNG:
+            continue
+        raw[rung] = {key: paired(runs, ref, key) for key, _, _ in keys}
+        cells = [LABELS.get(rung, rung), str(max((c["n"] for c in raw[rung].values() if c), default=0))]
+        for key, _, lower in keys:
+            c = raw[rung][key]
+            cells.append("—" if c is None else f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], "
+                                               f"p = {c['p']:.3f} ({verdict(c, lower)})")
+        raw[rung]["verdict"] = verdict(raw[rung].get("swd"))
+        cells.append(raw[rung]["verdict"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return raw, lines
 
 
 def figures(results: dict, out: Path) -> None:
@@ -264,6 +372,22 @@ def figures(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
+    # Seed spread: every run's generation SWD, one line per seed across the rungs (the pairs compared).
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rungs)), 3.6))
+    seeds = sorted({k for r in rungs for k in results[r]}, key=lambda k: int(k.removeprefix("seed")))
+    for j, seed in enumerate(seeds):
+        xs = [i for i, r in enumerate(rungs) if seed in results[r]]
+        ax.plot(xs, [results[rungs[i]][seed]["swd"] for i in xs], "o-", color=f"C{j}", alpha=0.6, ms=4, lw=0.8,
+                label=seed)
+    means = [statistics.fmean(r["swd"] for r in results[rung].values()) for rung in rungs]
+    ax.scatter(range(len(rungs)), means, marker="_", s=600, color="black", zorder=3, label="mean")
+    ax.set_xticks(range(len(rungs)), [LABELS.get(r, r) for r in rungs], rotation=25, ha="right", fontsize=8)
+    ax.set(ylabel="generation SWD x1e3 (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=110)
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     for rung in rungs:
         for i, (seed, r) in enumerate(sorted(results[rung].items())):
@@ -278,23 +402,38 @@ def figures(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def write_pages(out: Path, meta: dict, lines: list[str]) -> None:
+def write_pages(out: Path, meta: dict, lines: list[str], paired_lines: list[str]) -> None:
     md = [f"# Generation ladder ({meta['setting']})", "", f"Command: `{meta['command']}`", "",
-          "![samples, one column per rung](samples.png)", "", *lines, "",
+          "![samples, one column per rung](samples.png)", "", "Mean ± standard deviation over seeds:", "", *lines, "",
+          f"Paired by seed against {LABELS[REFERENCE_RUNG]} (rung minus reference; 95 % t interval; a verdict only "
+          "where the interval excludes 0):", "", *paired_lines, "",
+          "![generation SWD of every run, one line per seed](seeds.png)", "",
           "![codes used during tokenizer training](codes_used.png)", "", "Protocol:", "",
           "```json", json.dumps({k: v for k, v in meta.items() if k != "command"}, indent=2), "```", ""]
     (out / "ladder.md").write_text("\n".join(md))
-    rows = [line.strip("|").split("|") for line in lines if not line.startswith("|---")]
     cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
+
+    def html_table(md_lines: list[str]) -> str:
+        rows = [line.strip("|").split("|") for line in md_lines if not line.startswith("|---")]
+        body = "".join("<tr>" + cells(r, "td") + "</tr>" for r in rows[1:])
+        return '<div class="wrap"><table><tr>' + cells(rows[0], "th") + "</tr>" + body + "</table></div>"
+
     page = f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>Generation ladder</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}}
 img{{max-width:100%;image-rendering:pixelated}}table{{border-collapse:collapse;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}.wrap{{overflow-x:auto}}img.strip{{max-width:none;height:300px}}</style></head><body>
 <h1>Generation ladder ({html.escape(meta['setting'])})</h1>
 <div class="wrap"><img class="strip" src="samples.png" alt="samples of every rung"></div>
-<div class="wrap"><table><tr>{cells(rows[0], 'th')}</tr>{''.join(f'<tr>{cells(r, "td")}</tr>' for r in rows[1:])}</table></div>
-<p>Mean ± half the range over seeds. SWD x1e3 between {meta['samples']} samples and {meta['reference']['val']}
-held-out real images; the floor row scores {meta['reference']['train']} real train images the same way.</p>
+{html_table(lines)}
+<p>Mean ± standard deviation over seeds. SWD x1e3 between {meta['samples']} samples and {meta['reference']['val']}
+held-out real images; the floor row scores {meta['reference']['train']} real train images the same way (the
+reconstruction SWD pairs each image with its own reconstruction: its floor is 0). STE error: mean((z - z_q)^2)
+over the tokenizer's last 100 steps.</p>
+<h2>Paired by seed against {html.escape(LABELS[REFERENCE_RUNG])}</h2>
+<p>Rung minus reference, seed by seed (same data order and initial weights); mean difference, 95 % t interval,
+paired t-test p. "better" / "worse" only where the interval excludes 0.</p>
+{html_table(paired_lines)}
+<p><img src="seeds.png" alt="generation SWD of every run, one line per seed"></p>
 <p><img src="codes_used.png" alt="codes used during tokenizer training"></p>
 <details><summary>protocol</summary><pre>{html.escape(json.dumps(meta, indent=2))}</pre></details>
 </body></html>
@@ -306,13 +445,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     p.add_argument("--rungs", nargs="+", default=RUNGS, choices=list(VQ_VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--data", default=DEFAULT_DATA, help="image folder, CelebA folder, the shared tarball's folder, or 'procedural'")
     p.add_argument("--runs-dir", default="runs/ladder")
     p.add_argument("--tok-steps", type=int, help="override the setting's tokenizer steps")
     p.add_argument("--mg-steps", type=int, help="override the setting's MaskGIT steps")
     p.add_argument("--samples", type=int, help="override the setting's number of samples per run")
     p.add_argument("--report-only", action="store_true", help="only rebuild ladder.json/md/html from finished runs")
+    p.add_argument("--record", help="JSON file keeping every finished run's numbers across sessions (default: "
+                                    "bench/results/ladder_<setting>.json; 'none' for no record; the smoke setting keeps none)")
     a = p.parse_args()
     s = dict(SETTINGS[a.setting])
     for key, flag in (("tok_steps", a.tok_steps), ("mg_steps", a.mg_steps), ("samples", a.samples)):
@@ -339,18 +480,30 @@ def main() -> None:
               **({"kid": floor_raw["KID_mean"]} if "KID_mean" in floor_raw else {})}
     floors.update({"r" + k: v for k, v in floors.items() if k in ("swd", "fid")})  # real vs real bounds both
 
+    record_path = None if (a.record or "").lower() == "none" or (a.record is None and a.setting == "smoke") else \
+        Path(a.record) if a.record else RECORDS / f"ladder_{a.setting}.json"
+    record = load_record(record_path, a.setting, folder)
+
     t0 = time.time()
     results: dict[str, dict] = {r: {} for r in a.rungs}
     for seed in a.seeds:  # seed-major: a partial ladder already has every rung once
         for rung in a.rungs:
-            d = out / rung / f"seed{seed}"
+            d, key = out / rung / f"seed{seed}", f"seed{seed}"
             finished = (d / "stages.json").exists() and json.loads((d / "stages.json").read_text()) == list(STAGES)
-            if a.report_only and not finished:
+            recorded = record["runs"].get(rung, {}).get(key)
+            if a.report_only and not finished and recorded is None:
                 continue
-            r = collect(d) if finished else one_run(rung, seed, folder, s, a, metrics, ref)
+            if finished:
+                r = collect(d)
+            elif recorded is not None:  # finished in an earlier session or on another machine
+                r = recorded
+            else:
+                r = one_run(rung, seed, folder, s, a, metrics, ref)
             if r is None:
                 continue
-            results[rung][f"seed{seed}"] = r
+            if record_path is not None and recorded is None:
+                add_to_record(record_path, record, rung, key, {**r, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")})
+            results[rung][key] = r
             print(f"[{rung} seed {seed}] PSNR {r['psnr']:.2f} dB, perplexity {r['perplexity']:.1f}, codes used "
                   f"{r['codes_used']:.1%}, masked acc {r['masked_accuracy']:.3f}, generation SWD {r['swd']:.2f}",
                   file=sys.stderr, flush=True)
@@ -358,6 +511,7 @@ def main() -> None:
     if not results:
         raise SystemExit("ladder: no finished run to report yet")
     header, lines = table(results, floors)
+    paired_raw, paired_lines = comparisons(results)
     figures(results, out)
     meta = {"command": "python bench/ladder.py " + " ".join(sys.argv[1:]), "setting": a.setting, **s,
             "data": str(folder), "seeds": a.seeds, "rungs": {r: VQ_VARIANTS[r] for r in results},
@@ -365,9 +519,10 @@ def main() -> None:
             "reference": counts, "decoding": {"steps": 8, "choice_temperature": 4.5, "temperature": 1.0},
             "weights": "EMA (tokenizer and MaskGIT)", "floors": floors, "elapsed_s_this_call": time.time() - t0,
             "date": time.strftime("%Y-%m-%d")}
-    (out / "ladder.json").write_text(json.dumps({"meta": meta, "results": results, "table": lines}, indent=2) + "\n")
-    write_pages(out, meta, lines)
-    print("\n".join(lines))
+    (out / "ladder.json").write_text(json.dumps({"meta": meta, "results": results, "table": lines,
+                                                 "paired": paired_raw, "paired_table": paired_lines}, indent=2) + "\n")
+    write_pages(out, meta, lines, paired_lines)
+    print("\n".join(lines + [""] + paired_lines))
     print(f"-> {out / 'ladder.md'}, {out / 'index.html'}")
 
 

@@ -131,12 +131,60 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
         assert json.loads((runs / rung / "seed0" / "stages.json").read_text()) == [
             "tokenizer", "codes", "maskgit", "sample", "score", "recon"]
         assert len(list((runs / rung / "seed0" / "samples").glob("*.png"))) == 8
-    assert result["meta"]["floors"]["swd"] > 0 and result["table"][-1].startswith("| real train images")
+    assert result["meta"]["floors"]["swd"] > 0 and result["table"][-1].startswith("| real images")
     assert result["meta"]["rungs"]["opt_affine"]["inplace_lr"] > 0
-    for name in ("samples.png", "codes_used.png", "index.html", "ladder.md"):
+    for name in ("samples.png", "codes_used.png", "seeds.png", "index.html", "ladder.md"):
         assert (runs / name).stat().st_size > 0
+    assert result["results"]["opt_affine"]["seed0"]["ste_error"] > 0
+    assert "real images (floor)" in result["table"][-1] and "| 0.00 |" in result["table"][-1]  # paired recon SWD
+    assert not (ROOT / "bench" / "results" / "ladder_smoke.json").exists()  # the smoke setting keeps no record
     again = run_script(ROOT / "bench/ladder.py", *args, timeout=600)
     assert "training" not in again.stderr and "tokenizer ..." not in again.stderr  # nothing re-run
+
+
+def test_ladder_paired_statistics_and_verdicts():
+    """Paired by seed: the interval is the Student t interval of the per-seed differences, and a verdict
+    is given only where it excludes 0 (checked against scipy's paired t-test and a hand computation)."""
+    import sys
+
+    from scipy import stats
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ladder import paired, verdict
+
+    ref = {f"seed{i}": {"swd": v} for i, v in enumerate([40.0, 42.0, 41.0, 43.0, 44.0])}
+    better = {f"seed{i}": {"swd": v} for i, v in enumerate([38.0, 40.5, 39.0, 41.5, 42.0])}  # ~ -1.8 each
+    noisy = {f"seed{i}": {"swd": v} for i, v in enumerate([43.0, 40.0, 42.0, 41.0, 45.0])}
+    c = paired(better, ref, "swd")
+    diffs = [-2.0, -1.5, -2.0, -1.5, -2.0]
+    assert c["n"] == 5 and c["diffs"] == diffs and c["mean"] == pytest.approx(-1.8)
+    half = stats.t.ppf(0.975, 4) * stats.tstd(diffs) / 5**0.5
+    assert c["ci"] == pytest.approx([-1.8 - half, -1.8 + half])
+    assert c["p"] == pytest.approx(stats.ttest_rel([v["swd"] for v in better.values()],
+                                                   [v["swd"] for v in ref.values()]).pvalue)
+    assert verdict(c) == "better" and verdict(c, lower_is_better=False) == "worse"
+    assert verdict(paired(noisy, ref, "swd")) == "not separated"
+    assert paired({"seed0": {"swd": 1.0}}, ref, "swd") is None  # one common seed: no interval
+    assert verdict(None).startswith("fewer than 2")
+    # only the seeds both rungs have are paired
+    assert paired({**better, "seed9": {"swd": 0.0}}, ref, "swd")["n"] == 5
+
+
+def test_ladder_record_merges_runs_of_several_processes(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ladder import add_to_record, load_record
+
+    path = tmp_path / "ladder_cpu.json"
+    mine, theirs = load_record(path, "cpu", "/x/faces"), load_record(path, "cpu", "/x/faces")
+    add_to_record(path, mine, "baseline", "seed0", {"swd": 1.0})
+    add_to_record(path, theirs, "l2_replace", "seed0", {"swd": 2.0})  # loaded before the first write
+    runs = json.loads(path.read_text())["runs"]
+    assert runs == {"baseline": {"seed0": {"swd": 1.0}}, "l2_replace": {"seed0": {"swd": 2.0}}}
+    assert load_record(path, "cpu", "/y/faces")["runs"] == runs  # the folder's name identifies the data
+    with pytest.raises(SystemExit, match="record"):
+        load_record(path, "cpu_long", "/x/faces")
 
 
 def test_ladder_processes_share_runs_through_locks(tmp_path):

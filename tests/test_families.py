@@ -205,7 +205,7 @@ def test_contract_and_decode_equals_z_q(name, num_codes, code_dim):
     z = torch.randn(3, code_dim, 4, 4, requires_grad=True)
     out, info = vq(z)
     assert out.shape == z.shape and info["q"].shape == (3, 4, 4) and int(info["q"].max()) < num_codes
-    for key in ("loss", "commitment_loss", "codebook_loss", "perplexity", "codes_used"):
+    for key in ("loss", "quant_error", "perplexity", "codes_used"):
         assert info[key].dim() == 0 and torch.isfinite(info[key]), key
     assert info["z"].shape == info["z_q"].shape and info["d"].shape == (3, 4, 4)
     (out.square().sum() + info["loss"]).backward()

@@ -271,3 +271,16 @@ def test_lpips_missing_or_wrong_files_give_clear_errors(lpips_files, tmp_path, m
         LPIPS(vgg, tmp_path / "short.pth")
     with pytest.raises(ValueError, match="not a torchvision VGG16"):
         LPIPS(lin, lin)
+
+
+def test_unscaled_part_of_the_vq_loss_is_not_multiplied_by_vq_weight():
+    """LFQ's entropy terms carry their own weights (0.1 / 0.1): the tokenizer adds them as they are and
+    scales only the rest of the quantizer's loss by vq_weight."""
+    torch.manual_seed(0)
+    loss_fn = TokenizerLoss(LossConfig(vq_weight=5.0))
+    x, x_rec = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    commit, entropy = torch.tensor(0.3, requires_grad=True), torch.tensor(-0.7, requires_grad=True)
+    total, _ = loss_fn.generator_loss(x, x_rec, commit + entropy, step=0, last_layer=None, vq_unscaled=entropy)
+    total.backward()
+    assert torch.isclose(total, F.l1_loss(x_rec, x) + 5.0 * 0.3 - 0.7)
+    assert commit.grad == 5.0 and entropy.grad == 1.0

@@ -12,12 +12,70 @@ from tokenizer.config import OPT
 SGD = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
 
 
-def test_alternating_optimization_refuses_beta_below_one():
-    with pytest.raises(ValueError, match="beta = 1"):
-        VectorQuant(8, 16, inplace_optimizer=SGD, beta=0.98)
-    with pytest.raises(ValueError, match="beta=1"):
-        VQConfig(inplace_lr=50.0, beta=0.98)
-    VQConfig(inplace_lr=50.0, beta=1.0)  # the reference's setting is accepted
+def test_alternating_optimization_with_beta_below_one_keeps_the_commitment_term():
+    """beta < 1 with the in-place step (the opt_commit rung): the encoder gets the task gradient plus the
+    commitment gradient (1 - beta) d/dz mean((z - sg(z_q))^2); W still gets only the sync gradient."""
+    torch.manual_seed(0)
+    beta, nu = 0.95, 2.0
+    vq = VectorQuant(6, 10, inplace_optimizer=SGD, beta=beta, sync_nu=nu)
+    z = torch.randn(50, 6, requires_grad=True)
+    z_q, info = vq(z)
+    g = torch.randn_like(z_q)
+    ((z_q * g).sum() + info["loss"]).backward()
+    commit = (1 - beta) * 2 * (z - info["z_q"]).detach() / z.numel()
+    assert torch.allclose(z.grad, g + commit, atol=1e-7)
+    assert not torch.allclose(z.grad, g)  # the term is really there
+    expected = torch.zeros(10, 6).index_add_(0, info["q"], g) * nu
+    assert torch.allclose(vq.codebook.weight.grad, expected, atol=1e-5)
+    VQConfig(inplace_lr=50.0, beta=0.95)  # accepted by the config too
+
+
+def test_cb_renorm_keeps_unit_rows_without_growth_and_refuses_cb_norm():
+    """cb_renorm: W's rows are unit length after every training forward (in-place step included) and the
+    effective codes are unit rows in eval even after a main-optimizer step moved W off the sphere; with
+    cb_norm=l2 inside the graph instead, the in-place SGD grows ||W|| (what opt_renorm avoids)."""
+    with pytest.raises(ValueError, match="one codebook normalization"):
+        VectorQuant(8, 16, cb_norm="l2", cb_renorm=True)
+    norms = {}
+    for mode in ("renorm", "graph"):
+        torch.manual_seed(3)
+        opts = dict(cb_renorm=True) if mode == "renorm" else dict(cb_norm="l2")
+        vq = VectorQuant(8, 16, norm="l2", inplace_optimizer=lambda p: torch.optim.SGD(p, lr=50.0, momentum=0.9),
+                         beta=1.0, sync_nu=2.0, **opts)
+        main = torch.optim.AdamW(vq.parameters(), lr=1e-2)
+        for _ in range(30):
+            z = torch.randn(256, 8) + torch.linspace(-1, 1, 8)
+            z_q, info = vq(z)
+            ((z_q * torch.randn_like(z_q)).sum() + info["loss"]).backward()
+            if mode == "renorm":
+                assert torch.allclose(vq.codebook.weight.detach().norm(dim=1), torch.ones(16), atol=1e-5)
+            main.step()
+            main.zero_grad()
+        norms[mode] = vq.codebook.weight.detach().norm(dim=1)
+        assert torch.allclose(vq.get_codebook().detach().norm(dim=1), torch.ones(16), atol=1e-5)
+    assert norms["graph"].mean() > 1.2 and (norms["renorm"] - 1).abs().max() < 0.1, norms
+
+
+def test_sync_nu_is_a_switch_under_alternating_optimization():
+    """Documented property: under OPT, W's only main-optimizer gradient is nu * g, and AdamW's update is
+    invariant to the gradient's scale, so nu = 2 and nu = 0.2 give (nearly) the same codebook while
+    nu = 0 (no gradient at all) does not."""
+    books = {}
+    for nu in (2.0, 0.2, 0.0):
+        torch.manual_seed(4)
+        vq = VectorQuant(6, 12, norm="l2", cb_norm="l2", inplace_optimizer=SGD, beta=1.0, sync_nu=nu)
+        main = torch.optim.AdamW(vq.parameters(), lr=1e-2, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(20):
+            z = torch.randn(64, 6, generator=gen)
+            z_q, info = vq(z)
+            (z_q * torch.randn(z_q.shape, generator=gen)).sum().backward()
+            main.step()
+            main.zero_grad()
+        books[nu] = vq.codebook.weight.detach().clone()
+    scale_change = (books[2.0] - books[0.2]).abs().max()
+    switch = (books[2.0] - books[0.0]).abs().max()
+    assert switch > 10 * scale_change, (float(switch), float(scale_change))
 
 
 @pytest.mark.parametrize("affine", [False, True])
@@ -39,20 +97,31 @@ def test_main_objective_moves_codebook_only_by_sync_gradient(affine):
     assert torch.allclose(vq.codebook.weight.grad, expected, atol=1e-5)
 
 
-def test_every_opt_rung_uses_beta_one_and_no_other_rung_changes_beta():
+def test_rungs_change_only_what_they_name():
+    """Each rung of the paper's ladder adds what the paper's rung adds; the OPT rungs use beta = 1 (the
+    reference's) except opt_commit, which differs from opt by beta alone; no other rung changes beta
+    except seed_recipe (the reference's recommended layer, beta 0.98)."""
     for name, variant in VQ_VARIANTS.items():
         cfg = VQConfig(**variant)
-        if cfg.inplace_lr > 0:
+        if name == "opt_commit":
+            assert cfg.beta == 0.95 and cfg.inplace_lr == OPT["inplace_lr"]
+        elif cfg.inplace_lr > 0:
             assert cfg.beta == 1.0 and all(variant[k] == v for k, v in OPT.items()), name
-        else:
+        elif name != "seed_recipe":
             assert cfg.beta == VQConfig().beta, name
-    # each rung adds only what the paper's rung adds
     rungs = ["baseline", "l2_replace", "affine", "opt", "opt_affine"]
     added = [set(VQ_VARIANTS[b].items()) - set(VQ_VARIANTS[a].items()) for a, b in zip(rungs, rungs[1:])]
     assert {k for k, _ in added[0]} == {"norm", "cb_norm", "replace_freq"}
     assert {k for k, _ in added[1]} == {"affine_lr"}
     assert set(VQ_VARIANTS["opt"]) - set(VQ_VARIANTS["l2_replace"]) == set(OPT)
     assert set(VQ_VARIANTS["opt_affine"]) == set(VQ_VARIANTS["opt"]) | {"affine_lr"}
+    diff = lambda a, b: {k for k in set(VQ_VARIANTS[a]) | set(VQ_VARIANTS[b])  # noqa: E731
+                         if VQ_VARIANTS[a].get(k) != VQ_VARIANTS[b].get(k)}
+    assert diff("opt", "opt_commit") == {"beta"}
+    assert diff("opt", "opt_renorm") == {"cb_norm", "cb_renorm"}
+    seed = VQConfig(**VQ_VARIANTS["seed_recipe"])  # the reference's README layer, exactly
+    assert (seed.beta, seed.sync_nu, seed.affine_lr, seed.replace_freq, seed.kmeans_init) == (0.98, 0.2, 10.0, 20, True)
+    assert seed.norm is None and seed.cb_norm is None and not seed.cb_renorm and seed.inplace_lr == 0
 
 
 def test_dead_code_replaced_after_exactly_replace_freq_idle_steps():

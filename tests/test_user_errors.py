@@ -185,8 +185,9 @@ def test_resume_accepts_overrides_equal_to_defaults_of_fields_newer_than_the_che
 
 
 def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, entry):
-    """A tokenizer written when in-place optimization still ran with beta < 1 is refused on load and on
-    --resume with one line that names the file and says another version wrote it (not a bare config error)."""
+    """A tokenizer whose stored options this version refuses (here: residual stages with unit-norm codes,
+    accepted by an earlier version) is refused on load and on --resume with one line that names the file
+    and says another version wrote it (not a bare config error)."""
     import pytest
 
     from core.checkpoint import save_checkpoint
@@ -195,10 +196,10 @@ def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, en
     from train_tokenizer import PRESETS
 
     stored = to_dict(PRESETS["tiny"])
-    stored["model"]["vq"].update(inplace_lr=50.0, beta=0.98)  # the old opt rung
+    stored["model"]["vq"].update(kind="residual", groups=2, cb_norm="l2")
     path = tmp_path / "old" / "checkpoint.pt"
     save_checkpoint(path, {"kind": "tokenizer", "config": stored, "model": {}, "step": 10})
-    with pytest.raises(ConfigError, match=r"checkpoint\.pt: this version refuses .*beta.*another version"):
+    with pytest.raises(ConfigError, match=r"checkpoint\.pt: this version refuses .*cb_norm.*another version"):
         load_tokenizer(path)
     code, err = entry("train_tokenizer", "--run-dir", str(path.parent), "--resume")
     assert code == 2 and "another version of the project" in err and len(err.strip().splitlines()) == 1

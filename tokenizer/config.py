@@ -31,13 +31,15 @@ class VQConfig:
     beta: float = 0.95
     kmeans_init: bool = False
     norm: str | None = None  # None or "l2" (inputs)
-    cb_norm: str | None = None  # None or "l2" (effective codes)
+    cb_norm: str | None = None  # None or "l2" (effective codes, normalized inside the graph)
+    cb_renorm: bool = False  # W's rows rescaled to unit length outside the graph (the reference's unit-norm codebook)
     affine_lr: float = 0.0  # > 0: learned affine re-parameterization
     affine_groups: int = 1
     running_affine: bool = False  # running-statistics affine re-parameterization
     sync_nu: float = 0.0  # synchronized STE
     replace_freq: int = 0  # dead-code replacement period in steps (0: off)
-    inplace_lr: float = 0.0  # > 0: alternating optimization, SGD with this lr on the codebook
+    inplace_lr: float = 0.0  # > 0: alternating optimization, SGD with this lr on the codebook (beta < 1 keeps a
+    # commitment term of weight 1 - beta for the encoder; beta = 1 is the reference's: none)
     inplace_momentum: float = 0.9
     groups: int = 1  # sub-vectors (group) or stages (residual)
     share: bool | None = None  # one codebook for all groups/stages; None: True for group, False for residual
@@ -52,9 +54,6 @@ class VQConfig:
         for name in ("num_codes", "code_dim", "groups"):
             require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
         require(self.inplace_lr >= 0, f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
-        require(self.inplace_lr == 0 or self.beta == 1.0,
-                f"vq.inplace_lr > 0 (alternating optimization) needs vq.beta=1, got vq.beta={self.beta}: "
-                "the in-place step replaces the codebook term and there is no commitment term")
         require(self.kind != "residual" or self.cb_norm is None,
                 "vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
                 "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
@@ -63,13 +62,13 @@ class VQConfig:
 
 # What each kind cannot use, and why. The grids (fsq, lfq) have no learned codebook at all; SimVQ's
 # codebook rows are a frozen basis, so nothing may write or re-parameterize them.
-_CODEBOOK_ONLY = ("kmeans_init", "norm", "cb_norm", "affine_lr", "affine_groups", "running_affine", "sync_nu",
+_CODEBOOK_ONLY = ("kmeans_init", "norm", "cb_norm", "cb_renorm", "affine_lr", "affine_groups", "running_affine", "sync_nu",
                   "replace_freq", "inplace_lr", "rotation_trick", "groups")
 _NOT_USED = {
     "vector": ("levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
     "fsq": _CODEBOOK_ONLY + ("beta", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
     "lfq": _CODEBOOK_ONLY + ("levels",),
-    "simvq": ("kmeans_init", "affine_lr", "affine_groups", "running_affine", "replace_freq", "inplace_lr", "groups",
+    "simvq": ("kmeans_init", "cb_renorm", "affine_lr", "affine_groups", "running_affine", "replace_freq", "inplace_lr", "groups",
               "levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
 }
 _NOT_USED["group"] = _NOT_USED["residual"] = _NOT_USED["vector"]
@@ -135,10 +134,13 @@ class TokenizerConfig:
 
 
 # The ablation ladder of the paper (Huh et al. 2023, Fig. 7 / Table 2), each rung adding what the
-# paper's rung adds. "OPT" is the reference library's alternating optimization: an in-place SGD step
-# on the codebook (lr 50, momentum 0.9) with beta = 1 (no commitment term, the codebook term taken by
-# the in-place step) plus the synchronized STE (nu = 2, the reference's in-place setting). Rungs without
-# OPT keep the default beta = 0.95. k-means++ init belongs to none of the five; "all" adds it.
+# paper's rung adds. "OPT" is the reference library's alternating optimization as its in-place example
+# runs it: an in-place SGD step on the codebook (lr 50, momentum 0.9) with beta = 1 (no commitment term,
+# the codebook term taken by the in-place step), plus the synchronized STE. The reference's in-place
+# example uses nu = 0; nu = 2 comes from its autoencoder example (which has no in-place step). Under OPT
+# the codebook's only main-optimizer gradient is nu * g and AdamW is invariant to its scale, so nu acts as
+# an on/off switch there (docs/recipe.md). Rungs without OPT keep the default beta = 0.95. k-means++ init
+# belongs to none of the five; "all" adds it.
 L2_REPLACE = dict(norm="l2", cb_norm="l2", replace_freq=20)
 AFFINE = dict(affine_lr=10.0)
 OPT = dict(inplace_lr=50.0, inplace_momentum=0.9, sync_nu=2.0, beta=1.0)
@@ -150,6 +152,14 @@ VQ_VARIANTS = {
     "opt": {**L2_REPLACE, **OPT},
     "opt_affine": {**L2_REPLACE, **AFFINE, **OPT},
     "all": ALL_FIXES,
+    # OPT taken apart (docs/recipe.md): each differs from "opt" by one thing. opt_commit puts the
+    # commitment term back (beta 0.95 as in every non-OPT rung: encoder weight 0.05 x vq_weight 5 = 0.25,
+    # VQ-VAE's); opt_renorm keeps W's rows at unit length outside the graph, as the reference does,
+    # instead of normalizing inside it (where SGD grows ||W|| and the in-place step decays as 1/||W||^2).
+    "opt_commit": {**L2_REPLACE, **OPT, "beta": 0.95},
+    "opt_renorm": {**L2_REPLACE, **OPT, "cb_norm": None, "cb_renorm": True},
+    # The layer the reference library recommends in its README: no normalization, no in-place step.
+    "seed_recipe": dict(beta=0.98, sync_nu=0.2, affine_lr=10.0, replace_freq=20, kmeans_init=True),
     # The other answers to collapse and gradient mismatch (docs/quantizers.md), each on its own so that a
     # rung differs from "baseline" by one idea. FSQ's levels and LFQ's bits follow num_codes (128 codes:
     # levels (8, 4, 4) or 7 bits; 512: (8, 8, 8) or 9 bits). Like every non-OPT rung they keep the default
@@ -159,7 +169,6 @@ VQ_VARIANTS = {
     "rotation": dict(rotation_trick=True),
     "simvq": dict(kind="simvq"),
 }
-
 
 
 def variant_overrides(name: str, keep: tuple[str, ...] = ("num_codes", "code_dim")) -> list[str]:
@@ -196,7 +205,7 @@ def build_quantizer(cfg: VQConfig) -> nn.Module:
     common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
                   affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
                   sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1,
-                  rotation_trick=cfg.rotation_trick)
+                  rotation_trick=cfg.rotation_trick, cb_renorm=cfg.cb_renorm)
     if cfg.kind == "fsq":
         return FiniteScalarQuant(cfg.code_dim, cfg.levels or fsq_levels(cfg.num_codes), dim=1)
     if cfg.kind == "lfq":

@@ -15,7 +15,7 @@ def _merge_infos(infos: list[dict[str, Any]], q: Tensor) -> dict[str, Any]:
     """Scalar loss and statistics averaged over groups/stages; per-group indices stacked on a last axis."""
     mean = lambda key: torch.stack([i[key] for i in infos]).mean()  # noqa: E731
     return {"q": q, "loss": mean("loss"), "perplexity": mean("perplexity"), "codes_used": mean("codes_used"),
-            "commitment_loss": mean("commitment_loss"), "codebook_loss": mean("codebook_loss"),
+            "quant_error": mean("quant_error"),
             "d": torch.stack([i["d"] for i in infos], -1).sum(-1)}
 
 

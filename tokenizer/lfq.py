@@ -81,9 +81,8 @@ class LookupFreeQuant(GridQuant):
     def _losses(self, z: Tensor, z_b: Tensor, codes: Tensor) -> dict[str, Tensor]:
         commitment = F.mse_loss(z, codes)
         sample, codebook = self.entropies(z)
-        loss = ((1 - self.beta) * commitment + self.sample_entropy_weight * sample
-                - self.codebook_entropy_weight * codebook)
-        return {"loss": loss, "commitment_loss": commitment.detach(), "sample_entropy": sample.detach(),
+        entropy = self.sample_entropy_weight * sample - self.codebook_entropy_weight * codebook
+        return {"loss": (1 - self.beta) * commitment + entropy, "entropy_loss": entropy, "sample_entropy": sample.detach(),
                 "codebook_entropy": codebook.detach()}
 
     def extra_repr(self) -> str:

@@ -91,12 +91,15 @@ class TokenizerLoss(nn.Module):
         return self.discriminator is not None and step >= self.cfg.adversarial_start
 
     def generator_loss(self, x: Tensor, x_rec: Tensor, vq_loss: Tensor, step: int,
-                       last_layer: nn.Parameter | None, as_tensors: bool = False) -> tuple[Tensor, dict]:
+                       last_layer: nn.Parameter | None, as_tensors: bool = False,
+                       vq_unscaled: Tensor | None = None) -> tuple[Tensor, dict]:
         """Total autoencoder loss and float logs (recon, perceptual, vq, gan, adaptive_weight, loss);
         with ``as_tensors`` the logs are detached scalar tensors left on the device, so that a training
         loop that sums them on the device (training.run.MetricWindow) syncs once per log line, not per step.
 
-        x, x_rec: (B, 3, H, W) in [-1, 1]; vq_loss: the quantizer's scalar loss; last_layer: the
+        x, x_rec: (B, 3, H, W) in [-1, 1]; vq_loss: the quantizer's scalar loss; vq_unscaled: the part
+        of vq_loss that carries its own weights and is added as it is, not times ``vq_weight`` (LFQ's
+        entropy terms, ``info["entropy_loss"]``); last_layer: the
         decoder's final conv weight, needed for the adaptive weight once the GAN term is active. Where
         gradients are off (``torch.no_grad`` evaluation) the adaptive weight cannot be computed and is 0,
         as in taming-transformers.
@@ -114,6 +117,8 @@ class TokenizerLoss(nn.Module):
             perceptual = self.lpips(x, x_rec).mean()
             rec_loss = rec_loss + self.cfg.perceptual_weight * perceptual
         total = rec_loss + self.cfg.vq_weight * vq_loss
+        if vq_unscaled is not None:  # vq_weight * (vq_loss - unscaled) + unscaled
+            total = total + (1 - self.cfg.vq_weight) * vq_unscaled
 
         gan, weight = x.new_zeros(()), x.new_zeros(())
         if self.gan_active(step):

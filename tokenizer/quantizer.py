@@ -112,7 +112,8 @@ class VectorQuant(nn.Module):
                  norm: str | None = None, cb_norm: str | None = None, affine_lr: float = 0.0,
                  affine_groups: int = 1, sync_nu: float = 0.0, replace_freq: int = 0, dim: int = -1,
                  inplace_optimizer: OptimizerFactory | None = None, running_affine: bool = False,
-                 kmeans_iters: int = 10, chunk_elems: int = 2**24, rotation_trick: bool = False) -> None:
+                 kmeans_iters: int = 10, chunk_elems: int = 2**24, rotation_trick: bool = False,
+                 cb_renorm: bool = False) -> None:
         super().__init__()
         for name, v in (("feature_size", feature_size), ("num_codes", num_codes), ("affine_groups", affine_groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -128,16 +129,15 @@ class VectorQuant(nn.Module):
                              f"got affine_lr={affine_lr} and running_affine=True")
         if replace_freq < 0:
             raise ValueError(f"replace_freq must be >= 0 (0 disables dead-code replacement), got {replace_freq}")
-        if inplace_optimizer is not None and float(beta) != 1.0:
-            raise ValueError(f"alternating optimization (an in-place codebook optimizer) needs beta = 1, got beta={beta}: "
-                             "the in-place step replaces the codebook term and there is no commitment term, as in the "
-                             "paper's reference library")
+        if cb_renorm and _check_norm(cb_norm, "cb_norm") is not None:
+            raise ValueError("choose one codebook normalization: cb_norm='l2' (inside the graph) or cb_renorm=True "
+                             "(W's rows rescaled to unit length outside it), got both")
         self.feature_size, self.num_codes, self.beta, self.dim = feature_size, num_codes, float(beta), dim
         self.norm, self.cb_norm = _check_norm(norm, "norm"), _check_norm(cb_norm, "cb_norm")
         self.affine_lr, self.affine_groups, self.running_affine = float(affine_lr), affine_groups, running_affine
         self.sync_nu, self.replace_freq, self.kmeans_init = float(sync_nu), replace_freq, kmeans_init
         self.kmeans_iters, self.chunk_elems = kmeans_iters, chunk_elems
-        self.rotation_trick = bool(rotation_trick)
+        self.rotation_trick, self.cb_renorm = bool(rotation_trick), bool(cb_renorm)
 
         self.codebook = nn.Embedding(num_codes, feature_size)
         nn.init.normal_(self.codebook.weight, std=feature_size**-0.5)  # E||W_k|| ~ 1, like unit-scale z
@@ -188,6 +188,8 @@ class VectorQuant(nn.Module):
     def get_codebook(self, detach_affine: bool = False, detach_weight: bool = False) -> Tensor:
         """The effective codebook C = cb_norm(A(W)), (K, d) fp32. Decoding always goes through it."""
         w = self.codebook.weight.float()
+        if self.cb_renorm:  # unit rows in value; the norm is a constant to autograd (training keeps it at 1)
+            w = w / w.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         c = self._affine(w.detach() if detach_weight else w, detach_params=detach_affine)
         return F.normalize(c, dim=-1) if self.cb_norm == "l2" else c
 
@@ -223,6 +225,8 @@ class VectorQuant(nn.Module):
                 self._update_running_stats(zd)
             if self.replace_freq > 0:
                 self._replace_dead_codes(zd)
+            if self.cb_renorm:
+                self._renormalize()
 
         with torch.no_grad():
             q = nearest_code(zd, self.get_codebook(), self.chunk_elems)  # (N,)
@@ -232,6 +236,8 @@ class VectorQuant(nn.Module):
             all_reduce_(self.last_used, "max")  # usage on any replica counts: replicas keep identical state
             if self.inplace_optimizer is not None:
                 self._inplace_step(zd, q)
+                if self.cb_renorm:
+                    self._renormalize()
 
         # index_select, not C[q]: its backward is an index_add, many times faster than advanced indexing's
         z_q = self.get_codebook().index_select(0, q)  # (N, d), from the (possibly just updated) codebook
@@ -250,8 +256,7 @@ class VectorQuant(nn.Module):
             "z_q": z_q.view(*spatial, -1).movedim(-1, self.dim),
             "d": d.view(spatial),
             "loss": loss,
-            "commitment_loss": loss.detach(),
-            "codebook_loss": loss.detach(),
+            "quant_error": loss.detach(),  # mean((z - z_q)^2), the straight-through error (the loss's value)
             "perplexity": perplexity(counts),
             "codes_used": (counts > 0).float().mean(),
         }
@@ -309,6 +314,13 @@ class VectorQuant(nn.Module):
         self.codebook.weight[dead] = self._invert_affine(picks, dead).to(self.codebook.weight.dtype)
         broadcast_(self.codebook.weight.data)
         self.last_used[dead] = self.step
+
+    @torch.no_grad()
+    def _renormalize(self) -> None:
+        """``cb_renorm``: rescale W's rows to unit length in place (outside the graph, as the reference
+        library's unit-norm codebook does), so neither SGD nor AdamW can grow ||W_k||."""
+        w = self.codebook.weight
+        w.copy_(F.normalize(w.float(), dim=-1).to(w.dtype))
 
     def _inplace_step(self, z: Tensor, q: Tensor) -> None:
         weight = self.codebook.weight

@@ -53,7 +53,8 @@ class GridQuant(nn.Module):
         raise NotImplementedError
 
     def _losses(self, z: Tensor, z_b: Tensor, codes: Tensor) -> dict[str, Tensor]:
-        """Auxiliary loss terms; ``loss`` is what the trainer adds. None by default."""
+        """Auxiliary loss terms; ``loss`` is what the trainer adds. None by default. A part of ``loss`` under
+        ``entropy_loss`` carries its own weights: the tokenizer does not scale it by ``loss.vq_weight``."""
         return {"loss": z.new_zeros(())}
 
     # ---- shared ---------------------------------------------------------------------------------
@@ -77,16 +78,15 @@ class GridQuant(nn.Module):
             z_b, codes, q = self._grid(z)
             out = self.project_out(quantizer_output(z_b, codes))  # value: the grid point, projected back
             losses = self._losses(z, z_b, codes)
-            zero = z.new_zeros(())
+            d = (z_b.detach() - codes).square().sum(-1)  # (N,)
             counts = code_histogram(q, self.num_codes)
             grid_view = lambda t: t.view(*spatial, self.channels).movedim(-1, self.dim)  # noqa: E731
             info = {
                 "q": q.view(spatial),
                 "z": grid_view(z_b),
                 "z_q": grid_view(codes),
-                "d": (z_b.detach() - codes).square().sum(-1).view(spatial),
-                "commitment_loss": zero,
-                "codebook_loss": zero,
+                "d": d.view(spatial),
+                "quant_error": d.mean() / self.channels,  # mean((z - code)^2) over the grid's channels
                 **losses,
                 "perplexity": perplexity(counts),
                 "codes_used": (counts > 0).float().mean(),
