@@ -325,3 +325,83 @@ def test_decoding_argument_checks():
         maskgit_decode(model, 1, gen(), steps=0)
     with pytest.raises(ValueError, match="num_classes=0"):
         maskgit_decode(model, 1, gen(), cond={"class": torch.tensor([0])})
+
+
+# ---- samplers: Halton ordering and the guidance / temperature schedules ----------------------------
+
+def test_halton_order_is_a_low_discrepancy_permutation():
+    """Every prefix of the Halton order is spread over the grid: on an 8x8 grid no 4x4 quadrant holds
+    more than one position beyond its fair share k/4 of any prefix of k positions (raster order puts
+    the first 32 all in the top half: 8 beyond)."""
+    from transformer.decoding import halton_order
+
+    order = halton_order(8, 8)
+    assert sorted(order.tolist()) == list(range(64))
+    quadrant = lambda p: (p // 8 >= 4) * 2 + (p % 8 >= 4)  # noqa: E731
+
+    def worst(seq):
+        return max(abs(sum(quadrant(p) == q for p in seq[:k]) - k / 4) for k in range(4, 65, 4) for q in range(4))
+    assert worst(order.tolist()) <= 1 and worst(list(range(64))) >= 8
+    assert halton_order(3, 5).sort().values.tolist() == list(range(15))  # any grid shape
+
+
+def test_halton_decoding_reveals_its_rolled_order_schedule_exact():
+    """order="halton": after each step the fixed positions are exactly the first ones of the sample's
+    rolled Halton order (as many as the schedule says), whatever the model predicts; samples differ
+    in their roll."""
+    from transformer.decoding import _halton_ranks
+
+    model = tiny(grid=(4, 4))
+    steps, seen = 5, []
+    ranks = _halton_ranks(model, 3, gen(7), torch.device("cpu"))
+    assert all(sorted(r.tolist()) == list(range(N)) for r in ranks) and not torch.equal(ranks[0], ranks[1])
+    maskgit_decode(model, 3, gen(7), steps=steps, order="halton",
+                   on_step=lambda t, tokens, _: seen.append(tokens != model.mask_id))
+    fixed = torch.tensor(expected_fixed(N, steps, "cosine")).cumsum(0)
+    for t, known in enumerate(seen):
+        assert torch.equal(known, ranks < fixed[t]), t
+
+
+def test_ramps_start_and_end_at_their_stated_values():
+    from transformer.decoding import cfg_weight, choice_tau, sampling_temperature
+
+    for T in (2, 8, 13):
+        assert cfg_weight(3.0, 0, T, "pow-cosine") == 0.0 and cfg_weight(3.0, T - 1, T, "pow-cosine") == pytest.approx(3.0)
+        ramp = [cfg_weight(3.0, t, T, "pow-cosine", power=2.0) for t in range(T)]
+        assert ramp == sorted(ramp)  # monotone
+        assert cfg_weight(3.0, 4 % T, T, "constant") == 3.0 and cfg_weight(3.0, T - 1, T, "linear") == 3.0
+        assert sampling_temperature(1.5, 0.5, 0, T) == 1.5 and sampling_temperature(1.5, 0.5, T - 1, T) == pytest.approx(0.5)
+        assert sampling_temperature(1.5, None, T - 1, T) == 1.5
+        for schedule in ("linear", "cosine"):
+            taus = [choice_tau(4.5, t, T, schedule) for t in range(T)]
+            assert taus[-1] == pytest.approx(0.0, abs=1e-12) and taus == sorted(taus, reverse=True)
+        assert choice_tau(4.5, T - 1, T, "constant") == 4.5
+    assert cfg_weight(3.0, 0, 1, "pow-cosine") == pytest.approx(3.0)  # one step: the full weight
+
+
+def test_one_step_without_noise_all_samplers_agree():
+    model = tiny()
+    ref = maskgit_decode(model, 2, gen(0), steps=1, temperature=0.0, choice_temperature=0.0)
+    assert torch.equal(ref, model(torch.full((2, N), model.mask_id)).argmax(-1))
+    for kwargs in (dict(order="halton"), dict(choice_schedule="cosine"), dict(temperature_end=3.0),
+                   dict(order="halton", choice_schedule="constant")):
+        assert torch.equal(maskgit_decode(model, 2, gen(5), steps=1, temperature=0.0, choice_temperature=0.0,
+                                          **kwargs), ref), kwargs
+
+
+def test_default_sampler_is_unchanged_and_new_options_change_samples():
+    """The defaults are today's sampler (the same tokens as spelling its options out); each new option
+    changes the samples of a random model."""
+    model = tiny()
+    base = maskgit_decode(model, 4, gen(3), steps=6)
+    assert torch.equal(base, maskgit_decode(model, 4, gen(3), steps=6, order="confidence", choice_schedule="linear",
+                                            temperature_end=None, cfg_schedule="constant"))
+    for kwargs in (dict(order="halton"), dict(choice_schedule="cosine"), dict(temperature_end=0.2)):
+        assert not torch.equal(base, maskgit_decode(model, 4, gen(3), steps=6, **kwargs)), kwargs
+
+
+@pytest.mark.parametrize("bad", [dict(order="raster"), dict(choice_schedule="exp"), dict(cfg_schedule="cos"),
+                                 dict(temperature_end=-1.0), dict(temperature_end=float("nan")), dict(cfg_power=0.0)])
+def test_sampler_options_are_validated(bad):
+    with pytest.raises(ValueError, match="maskgit_decode"):
+        maskgit_decode(tiny(), 1, gen(0), steps=2, **bad)

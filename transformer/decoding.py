@@ -17,6 +17,7 @@ dropout and condition-dropping would use the global RNG).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -25,7 +26,88 @@ from torch import Tensor, nn
 
 from transformer.schedule import gamma, num_masked_decode
 
-CFG_SCHEDULES = ("constant", "linear")
+CFG_SCHEDULES = ("constant", "linear", "pow-cosine")
+ORDERS = ("confidence", "halton")
+CHOICE_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def cfg_weight(w: float, t: int, steps: int, schedule: str = "constant", power: float = 3.0) -> float:
+    """Guidance weight at step t of T. "constant": w. "linear": w (t + 1) / T (weak while little is
+    decided). "pow-cosine" (MaskBit's guidance annealing): w (1 - cos(pi r^power)) / 2 with r = t / (T - 1),
+    from exactly 0 at the first step to exactly w at the last (w with one step)."""
+    if schedule == "constant":
+        return w
+    if schedule == "linear":
+        return w * (t + 1) / steps
+    r = t / (steps - 1) if steps > 1 else 1.0
+    return w * (1 - math.cos(math.pi * r**power)) / 2
+
+
+def choice_tau(tau0: float, t: int, steps: int, schedule: str = "linear") -> float:
+    """Temperature of the Gumbel noise on the confidences at step t of T. "linear" (MaskGIT's reference):
+    tau0 (1 - (t + 1) / T); "cosine": tau0 (1 + cos(pi (t + 1) / T)) / 2; both reach 0 at the last step.
+    "constant": tau0 at every step."""
+    if schedule == "constant":
+        return tau0
+    r = (t + 1) / steps
+    return tau0 * (1.0 - r) if schedule == "linear" else tau0 * (1 + math.cos(math.pi * r)) / 2
+
+
+def sampling_temperature(start: float, end: float | None, t: int, steps: int) -> float:
+    """Softmax temperature at step t of T, linear from ``start`` (first step) to ``end`` (last step);
+    ``end=None`` keeps ``start`` throughout."""
+    if end is None or steps == 1:
+        return start
+    return start + (end - start) * t / (steps - 1)
+
+
+def _radical_inverse(i: int, base: int) -> float:
+    f, r = 1.0, 0.0
+    while i > 0:
+        f /= base
+        r += f * (i % base)
+        i //= base
+    return r
+
+
+def halton_order(h: int, w: int) -> Tensor:
+    """The h x w grid's positions (row-major indices, (h w,) long) in the order the 2-D Halton sequence
+    (bases 2 and 3) first visits their cells: a low-discrepancy order, so that every prefix is spread
+    evenly over the grid (Besnier et al., ICLR 2025, "Halton Scheduler for Masked Generative Image
+    Transformer")."""
+    seen, order, i = set(), [], 0
+    while len(order) < h * w:
+        pos = int(_radical_inverse(i, 2) * h) * w + int(_radical_inverse(i, 3) * w)
+        if pos not in seen:
+            seen.add(pos)
+            order.append(pos)
+        i += 1
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _grid_of(model: nn.Module) -> tuple[int, int]:
+    grid = getattr(getattr(model, "cfg", None), "grid", None)
+    if grid is not None:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(model.seq_len)
+    return (side, side) if side * side == model.seq_len else (1, model.seq_len)
+
+
+def _halton_ranks(model: nn.Module, batch_size: int, generator: torch.Generator | Sequence[torch.Generator],
+                  device: torch.device) -> Tensor:
+    """(B, N): each position's place in its sample's reveal order, the Halton order of a grid rolled by a
+    random (dy, dx) per sample (a torus shift keeps the order's low discrepancy and varies it per image)."""
+    h, w = _grid_of(model)
+    order = halton_order(h, w)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    rank = rank.view(h, w).to(device)
+    gens = [generator] * batch_size if isinstance(generator, torch.Generator) else list(generator)
+    rows = []
+    for g in gens:
+        shift = torch.randint(0, h * w, (1,), generator=g, device=device).item()  # one draw, before decoding
+        rows.append(rank.roll((shift // w, shift % w), dims=(0, 1)).reshape(-1))
+    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -43,6 +125,10 @@ def maskgit_decode(
     cond: Mapping[str, Tensor] | None = None,
     init_tokens: Tensor | None = None,
     init_mask: Tensor | None = None,
+    order: str = "confidence",
+    temperature_end: float | None = None,
+    choice_schedule: str = "linear",
+    cfg_power: float = 3.0,
     return_history: bool = False,
     on_step: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -56,8 +142,18 @@ def maskgit_decode(
     cfg_scale: classifier-free guidance weight w; logits = cond + w (cond - uncond), which is
         the paper's uncond + s (cond - uncond) with s = 1 + w. So w = 0 is plain conditional
         decoding (one forward per step); w > 0 runs cond and uncond as one batch of 2B.
-    cfg_schedule: "constant" (w every step) or "linear" (w_t = w (t + 1) / T, weak guidance while
-        little is decided, full at the end).
+    cfg_schedule: "constant" (w every step), "linear" (w_t = w (t + 1) / T, weak guidance while
+        little is decided, full at the end) or "pow-cosine" (0 -> w along (1 - cos(pi r^cfg_power)) / 2,
+        MaskBit's ramp); see ``cfg_weight``.
+    order: which masked positions are revealed at each step. "confidence" (MaskGIT): the most
+        confident samples, with Gumbel noise of temperature tau_t on the confidences. "halton"
+        (Besnier et al., 2025): the next positions of a 2-D Halton sequence over the grid, rolled by a
+        random offset per sample; no confidence and no Gumbel noise (choice_temperature is unused).
+        Both reveal the same number per step (the schedule).
+    temperature_end: the softmax temperature moves linearly from ``temperature`` (first step) to
+        this value (last step); None keeps ``temperature`` (``sampling_temperature``).
+    choice_schedule: how tau_t decays from choice_temperature: "linear" (the reference's), "cosine"
+        or "constant" (``choice_tau``).
     cond: the model's conditioning dict ({"class": (B,), "attrs": (B, A)}); None = unconditional.
     init_tokens, init_mask: (B, N) long and (B, N) bool, for inpainting / outpainting: positions
         with init_mask True are generated, the others are kept from init_tokens and never change.
@@ -79,27 +175,37 @@ def maskgit_decode(
         raise ValueError(f"maskgit_decode: steps must be >= 1, got {steps}")
     if choice_temperature < 0:
         raise ValueError(f"maskgit_decode: choice_temperature must be >= 0, got {choice_temperature}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"maskgit_decode: unknown cfg_schedule {cfg_schedule!r}; "
-                         f"valid: {', '.join(CFG_SCHEDULES)}")
+    for name, value, valid in (("cfg_schedule", cfg_schedule, CFG_SCHEDULES), ("order", order, ORDERS),
+                               ("choice_schedule", choice_schedule, CHOICE_SCHEDULES)):
+        if value not in valid:
+            raise ValueError(f"maskgit_decode: unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if temperature_end is not None and not temperature_end >= 0:
+        raise ValueError(f"maskgit_decode: temperature_end must be >= 0 or None, got {temperature_end}")
+    if not cfg_power > 0:
+        raise ValueError(f"maskgit_decode: cfg_power must be > 0, got {cfg_power}")
     _check_cfg(cfg_scale, cond)
     gamma(0.0, schedule)  # validates the schedule name before any work
     mask_id = model.mask_id
     tokens = _initial_tokens(model, batch_size, init_tokens, init_mask)  # (B, N), mask_id = unknown
     n_gen = (tokens == mask_id).sum(dim=1)  # (B,) positions to generate per sample
+    # Halton: a fixed reveal order per sample; earlier in the order = "more confident"
+    halton = _halton_ranks(model, batch_size, generator, tokens.device) if order == "halton" else None
 
     num_fixed = []
     for t in range(steps):
         unknown = tokens == mask_id  # (B, N)
-        w = cfg_scale * (t + 1) / steps if cfg_schedule == "linear" else cfg_scale
-        logits = _logits(model, tokens, cond, w)  # (B, N, K) fp32
-        sampled, log_p = _sample(logits, temperature, top_k, generator)  # (B, N), (B, N)
+        logits = _logits(model, tokens, cond, cfg_weight(cfg_scale, t, steps, cfg_schedule, cfg_power))  # (B, N, K)
+        temp = sampling_temperature(temperature, temperature_end, t, steps)
+        sampled, log_p = _sample(logits, temp, top_k, generator)  # (B, N), (B, N)
         sampled = torch.where(unknown, sampled, tokens)  # known tokens never change
 
-        # Confidence = log p(sampled) + tau_t * Gumbel: annealed noise makes the choice of which
-        # tokens to keep random early and greedy late (MaskGIT reference, mask_by_random_topk).
-        tau = choice_temperature * (1.0 - (t + 1) / steps)
-        confidence = log_p + tau * _gumbel(log_p.shape, generator, log_p.device)  # (B, N)
+        if halton is None:
+            # Confidence = log p(sampled) + tau_t * Gumbel: annealed noise makes the choice of which
+            # tokens to keep random early and greedy late (MaskGIT reference, mask_by_random_topk).
+            tau = choice_tau(choice_temperature, t, steps, choice_schedule)
+            confidence = log_p + tau * _gumbel(log_p.shape, generator, log_p.device)  # (B, N)
+        else:
+            confidence = -halton.to(log_p.dtype)
         confidence = confidence.masked_fill(~unknown, float("inf"))
 
         n_masked = unknown.sum(dim=1)  # (B,)
