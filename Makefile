@@ -41,6 +41,9 @@ BENCH_DATA ?=
 # bench/ladder.py: its data (default BENCH_DATA) and extra flags (e.g. --setting gpu64)
 LADDER_DATA ?= $(BENCH_DATA)
 LADDER_ARGS ?=
+# bench/decoding.py: held-out images at the model's resolution and extra flags (e.g. --steps 8 --samples 200)
+REF_IMAGES  ?=
+DECODING_ARGS ?=
 # studio: address and port to serve on (binding other than 127.0.0.1 exposes the model, see README)
 HOST       ?= 127.0.0.1
 PORT       ?= 8000
@@ -54,7 +57,7 @@ CODES := $(RUN)/codes/codes.json
 need_data = $(if $(DATA),,$(error DATA is not set: give DATA=/path/to/celeba (or DATA=procedural for a toy run)))
 REF := $(RUN)/eval/ref_$(SPLIT)_$(RES).npz
 
-.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report export celeba bench ladder studio
+.PHONY: setup test demo tokenizer codes maskgit sample fid-ref fid rfid report export celeba bench ladder decoding studio
 # The stages depend on each other's files on disk: never run two at once (make -j).
 .NOTPARALLEL:
 
@@ -134,6 +137,12 @@ bench: $(STAMP)
 	$(PY) bench/ablation.py $(BDATA) $(BENCH_ARGS)
 
 # The paper's claim: tokenizer -> codes -> MaskGIT -> samples -> SWD (FID with the Inception weights)
-# for every rung of the ablation ladder and two seeds; resumable (re-run to continue).
+# for every rung of the ablation ladder and five seeds, paired by seed; resumable (re-run to continue).
 ladder: $(STAMP)
 	$(PY) bench/ladder.py $(if $(LADDER_DATA),--data $(LADDER_DATA),) $(LADDER_ARGS)
+
+# Samplers x decoding steps on the run's trained models, SWD against held-out images REF_IMAGES (a folder
+# at the model's resolution), settings chosen on one half of them and reported on the other.
+decoding: $(STAMP)
+	$(if $(REF_IMAGES),,$(error REF_IMAGES is not set: give REF_IMAGES=/path/to/held-out/images at the model's resolution))
+	$(PY) bench/decoding.py --tokenizer $(TOK) --maskgit $(MG) --ref-images $(REF_IMAGES) --out $(RUN)/decoding $(DECODING_ARGS)

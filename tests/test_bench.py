@@ -277,3 +277,30 @@ def test_profile_step_profiles_both_training_loops(tmp_path):
     for r, op in ((tok, "aten::mkldnn_convolution"), (mg, "aten::addmm")):
         assert r["steps_per_s"] > 0 and 0 < sum(e["share"] for e in r["top"]) <= 1 + 1e-9
         assert op in [e["op"] for e in r["top"]]
+
+
+def test_decoding_sweep_selects_on_one_half_and_reports_the_other(tiny_runs, tmp_path):
+    """The sweep runs every (sampler, T) with its seeds, picks the best per T on the selection half and
+    seeds, reports the other half and seeds, and draws the quality-vs-time plot."""
+    import numpy as np
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    out = tmp_path / "sweep"
+    run_script(ROOT / "bench/decoding.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"],
+               "--ref-images", ref, "--samplers", "confidence", "halton", "--steps", "1", "3", "--samples", "4",
+               "--seeds", "0", "1", "--select-seeds", "7", "--batch-size", "3", "--out", out, timeout=600)
+    result = json.loads((out / "decoding.json").read_text())
+    assert {(r["sampler"], r["steps"]) for r in result["rows"]} == {(s, t) for s in ("confidence", "halton") for t in (1, 3)}
+    for r in result["rows"]:
+        assert len(r["swd_per_seed"]) == 2 and r["swd"] > 0 and r["s_per_image"] > 0
+    for t in ("1", "3"):  # the best is the lowest selection SWD, not the lowest reported one
+        rows = [r for r in result["rows"] if r["steps"] == int(t)]
+        assert result["best"][t] == min(rows, key=lambda r: r["select_swd"])["sampler"]
+    assert (out / "pareto.png").stat().st_size > 0 and "(best, chosen on selection)" in (out / "decoding.md").read_text()
+    bad = run_script(ROOT / "bench/decoding.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit",
+                     tiny_runs["maskgit"], "--ref-images", ref, "--seeds", "0", "--select-seeds", "0", check=False)
+    assert bad.returncode != 0 and "disjoint" in bad.stderr
