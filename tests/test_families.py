@@ -291,3 +291,27 @@ def test_lfq_agrees_with_vector_quantize_pytorch():
     assert torch.allclose(info["codebook_entropy"], breakdown.batch_entropy, rtol=1e-5)
     assert torch.allclose(info["loss"], peer_loss, rtol=1e-5)
     assert torch.equal(ours.decode(info["q"]), peer.indices_to_codes(peer_q))
+
+
+KIND_OPTIONS = {"vector": {}, "group": dict(kind="group", groups=2), "residual": dict(kind="residual", groups=2),
+                "fsq": dict(kind="fsq"), "lfq": dict(kind="lfq"), "simvq": dict(kind="simvq")}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", list(KIND_OPTIONS))
+def test_low_precision_keeps_fp32_distances_assignments_and_statistics(kind, dtype):
+    """Under autocast with a low-precision input, every quantizer kind assigns exactly the codes that fp32
+    assigns to the same input, and its distances, loss, entropy terms and codebook statistics are fp32;
+    only the output takes the input's dtype."""
+    torch.manual_seed(0)
+    vq = build_quantizer(VQConfig(num_codes=128, code_dim=16, **KIND_OPTIONS[kind]))
+    z = torch.randn(4, 16, 6, 6).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out, info = vq(z)
+    _, ref = vq(z.float())
+    assert out.dtype == dtype and torch.equal(info["q"], ref["q"])
+    for key in ("d", "loss", "quant_error", "perplexity", "codes_used", "sample_entropy", "codebook_entropy",
+                "entropy_loss"):
+        if key in info:
+            assert info[key].dtype == torch.float32, key
+            assert torch.allclose(info[key], ref[key]), key
