@@ -304,3 +304,18 @@ def test_decoding_sweep_selects_on_one_half_and_reports_the_other(tiny_runs, tmp
     bad = run_script(ROOT / "bench/decoding.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit",
                      tiny_runs["maskgit"], "--ref-images", ref, "--seeds", "0", "--select-seeds", "0", check=False)
     assert bad.returncode != 0 and "disjoint" in bad.stderr
+
+
+def test_precision_bench_pairs_bf16_with_fp32_by_seed(tmp_path):
+    out = tmp_path / "precision"
+    run_script(ROOT / "bench/bench_precision.py", "--kinds", "fsq", "--seeds", "0", "--steps", "1", "--out", out,
+               "--", "data.num_images=16", "optim.batch_size=4", timeout=600)
+    rows = json.loads((out / "precision.json").read_text())["rows"]
+    assert {r["metric"] for r in rows} == {"codes_used", "perplexity", "psnr"}
+    for r in rows:
+        assert len(r["fp32"]) == len(r["bf16"]) == 1 and r["diff"] == pytest.approx(r["bf16"][0] - r["fp32"][0]
+                                                                                   if r["metric"] == "psnr" else
+                                                                                   (r["bf16"][0] - r["fp32"][0]) / r["fp32"][0])
+    for precision in ("no", "bf16"):  # the two runs differ in their precision only
+        cfg = json.loads((out / "fsq" / precision / "seed0" / "config.json").read_text())
+        assert cfg["optim"]["mixed_precision"] == precision and cfg["optim"]["seed"] == 0

@@ -1,0 +1,92 @@
+"""Does low precision keep the codes? Tokenizer training under bf16 autocast against fp32, paired by seed.
+
+    python bench/bench_precision.py                       # every quantizer kind, seeds 0 1 2, procedural faces
+    python bench/bench_precision.py --data ../celeba --kinds vector lfq --steps 300 --seeds 0 1
+
+For every quantizer kind and seed, the tiny tokenizer preset is trained twice with train_tokenizer.py,
+identical except ``optim.mixed_precision`` ("no" vs "bf16"; the same seed is the same data order and
+initial weights), and the final validation metrics are compared: codebook usage and perplexity
+(goal: within 1 %) and reconstruction PSNR (goal: within 0.1 dB). Reported per kind: the mean of the
+paired differences bf16 - fp32 over seeds with its 95 % t interval, and whether the goal holds for
+every seed. Runs are kept in ``--out`` and reused when the command is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = {"vector": ["model.vq.kind=vector"], "group": ["model.vq.kind=group", "model.vq.groups=2"],
+         "residual": ["model.vq.kind=residual", "model.vq.groups=2", "model.vq.cb_norm=none"],
+         "fsq": ["model.vq.kind=fsq"], "lfq": ["model.vq.kind=lfq"], "simvq": ["model.vq.kind=simvq"]}
+# the options the grid kinds and SimVQ refuse (the tiny preset enables every fix of the VQ kinds)
+PLAIN = ["model.vq.kmeans_init=false", "model.vq.norm=none", "model.vq.cb_norm=none", "model.vq.affine_lr=0",
+         "model.vq.sync_nu=0", "model.vq.replace_freq=0", "model.vq.inplace_lr=0", "model.vq.beta=0.95"]
+GOALS = {"codes_used": ("relative", 0.01), "perplexity": ("relative", 0.01), "psnr": ("absolute", 0.1)}
+
+
+def train(kind: str, precision: str, seed: int, a: argparse.Namespace) -> dict:
+    run = Path(a.out) / kind / precision / f"seed{seed}"
+    metrics = run / "val_metrics.json"
+    if not metrics.exists():
+        extra = PLAIN if kind in ("fsq", "lfq", "simvq") else []
+        cmd = [sys.executable, str(ROOT / "train_tokenizer.py"), "--preset", "tiny", "--run-dir", str(run),
+               "--resume", f"data.source={a.data}", f"optim.steps={a.steps}", f"optim.seed={seed}",
+               f"optim.mixed_precision={precision}", "log.val_batches=4", f"log.ckpt_every={a.steps}",
+               *extra, *KINDS[kind], *a.args]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"bench_precision: {kind} {precision} seed {seed} failed: "
+                             f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(metrics.read_text())
+
+
+def interval(diffs: list[float]) -> tuple[float, float, float]:
+    from scipy import stats
+
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return m, m - half, m + half
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--data", default="procedural", help="image folder / CelebA root, or 'procedural'")
+    p.add_argument("--out", default="runs/bench_precision")
+    p.add_argument("args", nargs="*", help="extra key=value overrides for every run (e.g. data.num_images=64)")
+    a = p.parse_args()
+    rows, lines = [], ["| kind | metric | fp32 | bf16 | bf16 - fp32 [95% CI] | goal | met on every seed |",
+                       "|---|---|---|---|---|---|---|"]
+    for kind in a.kinds:
+        runs = {prec: [train(kind, prec, s, a) for s in a.seeds] for prec in ("no", "bf16")}
+        for key, (mode, tol) in GOALS.items():
+            fp32, bf16 = [r[key] for r in runs["no"]], [r[key] for r in runs["bf16"]]
+            diffs = [b - f for b, f in zip(bf16, fp32)]
+            rel = [d / f for d, f in zip(diffs, fp32)] if mode == "relative" else diffs
+            met = all(abs(x) <= tol for x in rel)
+            m, lo, hi = interval(rel)
+            rows.append({"kind": kind, "metric": key, "fp32": fp32, "bf16": bf16, "diff": m, "ci": [lo, hi], "met": met})
+            unit = "%" if mode == "relative" else " dB"
+            scale = 100 if mode == "relative" else 1
+            ci = f"[{scale * lo:+.2f}, {scale * hi:+.2f}]" if len(diffs) > 1 else "(one seed: no interval)"
+            lines.append(f"| {kind} | {key} | {statistics.fmean(fp32):.3f} | {statistics.fmean(bf16):.3f} | "
+                         f"{scale * m:+.2f}{unit} {ci} | "
+                         f"within {scale * tol:g}{unit} | {'yes' if met else 'no'} |")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision.json").write_text(json.dumps({"command": "python bench/bench_precision.py " + " ".join(sys.argv[1:]),
+                                                    "seeds": a.seeds, "steps": a.steps, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
