@@ -150,6 +150,15 @@ class SWDAccumulator:
         return out
 
 
+def _sort_columns(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sort(x, dim=0).values`` for a CPU float (M, K) matrix, the same values in the same layout,
+    through numpy: torch's CPU sort along the strided dim took 11 s for 128k x 128 where numpy's
+    takes 0.3 s (the ladder's scoring went from 3.5 minutes to seconds)."""
+    if x.device.type != "cpu":
+        return torch.sort(x, dim=0).values
+    return torch.from_numpy(np.sort(x.t().contiguous().numpy(), axis=1)).t().contiguous()
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, config: SWDConfig,
                        generator: torch.Generator) -> float:
     """Mean over directions of the 1-D Wasserstein-1 distance between projections of a and b (M, D).
@@ -164,8 +173,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, config: SWDConfig,
     for _ in range(config.dir_repeats):
         dirs = torch.randn(a.shape[1], config.dirs_per_repeat, generator=generator)  # (D, K)
         dirs = dirs / dirs.norm(dim=0, keepdim=True)
-        proj_a = torch.sort(a @ dirs, dim=0).values  # (M, K)
-        proj_b = torch.sort(b @ dirs, dim=0).values
+        proj_a, proj_b = _sort_columns(a @ dirs), _sort_columns(b @ dirs)  # (M, K)
         results.append((proj_a - proj_b).abs().mean().item())
     return float(np.mean(results))
 
