@@ -10,10 +10,12 @@ sweep: they need the standard Inception weights, which this project's machines d
 setting's samples with sample.py and score them with ``python -m eval score`` where the weights are.)
 Nothing is chosen on the numbers that are reported:
 
-* **selection**: seeds ``--select-seeds`` scored against the first half of the reference images;
-  the best sampler at each T is the one with the lowest mean SWD there;
-* **report**: seeds ``--seeds`` (other seeds) scored against the second half; these are the numbers
-  in the table and the plot, mean ± standard deviation over the seeds.
+* **selection**: seeds ``--select-seeds`` scored against ``--select-images`` (e.g. real training
+  images), or the first half of ``--ref-images`` when not given; the best sampler at each T is the one
+  with the lowest mean SWD there;
+* **report**: seeds ``--seeds`` (other seeds) scored against ``--ref-images`` (its second half when
+  the selection takes the first); these are the numbers in the table and the plot, mean ± standard
+  deviation over the seeds.
 
 Outputs in ``--out`` (default runs/decoding): decoding.json, decoding.md, pareto.png (report SWD
 against seconds per image; the Pareto front joined). The same sampling seed gives the same images for
@@ -67,17 +69,22 @@ def run_setting(tokenizer, model, settings: dict, n: int, seed: int, batch_size:
     return swd_from_accumulators(ref_acc, acc)["mean"], seconds
 
 
-def reference_halves(folder: str, resolution: int, config: SWDConfig) -> tuple[SWDAccumulator, SWDAccumulator]:
+def references(folder: str, select_folder: str | None, resolution: int,
+               config: SWDConfig) -> tuple[SWDAccumulator, SWDAccumulator]:
+    """(selection, report) SWD references: ``select_folder`` and ``folder``, or the two halves of ``folder``."""
     images = open_folder(folder, resolution)
-    if images.count < 4:
-        raise SystemExit(f"decoding: --ref-images {folder} holds {images.count} images; at least 4 are needed")
-    half = images.count // 2
+    if images.count < (2 if select_folder else 4):
+        raise SystemExit(f"decoding: --ref-images {folder} holds {images.count} images; too few")
+    half = 0 if select_folder else images.count // 2
     accs = SWDAccumulator(resolution, config), SWDAccumulator(resolution, config)
     seen = 0
     for batch in images.batches(64):
         for x in batch:
             accs[0 if seen < half else 1].update(x[None])
             seen += 1
+    if select_folder:
+        for batch in open_folder(select_folder, resolution).batches(64):
+            accs[0].update(batch)
     return accs
 
 
@@ -95,7 +102,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--maskgit", required=True)
-    p.add_argument("--ref-images", required=True, help="held-out real images at the model's resolution")
+    p.add_argument("--ref-images", required=True, help="held-out real images at the model's resolution (report)")
+    p.add_argument("--select-images", help="real images the settings are chosen on (default: half of --ref-images)")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     p.add_argument("--steps", nargs="+", type=int, default=[4, 8, 12, 16, 32])
     p.add_argument("--samples", type=int, default=500, help="samples per (sampler, T, seed)")
@@ -110,7 +118,7 @@ def main() -> None:
     tokenizer, model, meta = load_models(a.tokenizer, a.maskgit)
     base = decode_settings(meta["config"])
     config = SWDConfig(max_images=max(a.samples, 4096))
-    select_ref, report_ref = reference_halves(a.ref_images, tokenizer.cfg.resolution, config)
+    select_ref, report_ref = references(a.ref_images, a.select_images, tokenizer.cfg.resolution, config)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -162,7 +170,8 @@ def main() -> None:
     plt.close(fig)
 
     meta_out = {"command": "python bench/decoding.py " + " ".join(sys.argv[1:]), "tokenizer": a.tokenizer,
-                "maskgit": a.maskgit, "ref_images": a.ref_images, "samples": a.samples, "seeds": a.seeds,
+                "maskgit": a.maskgit, "ref_images": a.ref_images,
+                "select_images": a.select_images or "first half of ref_images", "samples": a.samples, "seeds": a.seeds,
                 "select_seeds": a.select_seeds, "base_settings": base, "samplers": {n: SAMPLERS[n] for n in a.samplers},
                 "swd": config.describe(), "date": time.strftime("%Y-%m-%d"),
                 "metrics": "SWD (FID/KID: not in this sweep)"}
