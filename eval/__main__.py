@@ -35,7 +35,7 @@ from eval.reference import (
     save_reference,
 )
 from eval.results import summary_line, write_report
-from eval.score import METRICS, score_images, score_reconstructions
+from eval.score import INCEPTION_METRICS, METRICS, score_images, score_reconstructions
 from eval.stats import KID_DEFAULTS
 from eval.swd import SWDConfig
 from transformer.pipeline import SAMPLES_RECORD, add_decode_flags, generate, load_models, parse_attrs, settings_from_args
@@ -67,8 +67,9 @@ def _add_data_flags(p: argparse.ArgumentParser, split: str = "val") -> None:
 def _add_score_flags(p: argparse.ArgumentParser, default_name: str) -> None:
     g = p.add_argument_group("metrics and report")
     g.add_argument("--metrics", default="auto",
-                   help="comma list of fid,kid,swd, or 'auto' (FID, KID if the reference kept features, "
-                        "SWD if reference images are available)")
+                   help="comma list of fid,kid,pr,swd (pr: precision and recall, k-NN in Inception features), "
+                        "or 'auto' (FID; KID and precision/recall if the reference kept features; SWD if "
+                        "reference images are available)")
     g.add_argument("--run-dir", default="runs/eval", help="where <name>.json and <name>.md go")
     g.add_argument("--name", help=f"report name (default: {default_name})")
     g.add_argument("--kid-subsets", type=int, default=KID_DEFAULTS["subsets"])
@@ -102,7 +103,7 @@ def _extractor(args: argparse.Namespace) -> InceptionExtractor:
 
 def _metrics(args: argparse.Namespace, kid_available: bool, swd_available: bool) -> set[str]:
     if args.metrics == "auto":
-        return {"fid"} | ({"kid"} if kid_available else set()) | ({"swd"} if swd_available else set())
+        return {"fid"} | ({"kid", "pr"} if kid_available else set()) | ({"swd"} if swd_available else set())
     metrics = {m.strip().lower() for m in args.metrics.split(",") if m.strip()}
     if not metrics or metrics - set(METRICS):
         raise EvalError(f"--metrics: expected 'auto' or a comma list of {','.join(METRICS)}, got {args.metrics!r}")
@@ -110,7 +111,7 @@ def _metrics(args: argparse.Namespace, kid_available: bool, swd_available: bool)
 
 
 def _needs_inception(args: argparse.Namespace) -> bool:
-    return args.metrics == "auto" or bool(_metrics(args, False, False) & {"fid", "kid"})
+    return args.metrics == "auto" or bool(_metrics(args, False, False) & INCEPTION_METRICS)
 
 
 def _kid_kwargs(args: argparse.Namespace) -> dict:
@@ -232,7 +233,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
                           keep_features=args.keep_features, total=args.n, progress=True,
                           protocol={"checkpoints": {"tokenizer": args.tokenizer, "maskgit": args.maskgit},
                                     "sampling": sampling, "reference_file": args.ref, "command": sys.argv})
-    if result.protocol["samples"]["count"] != args.n and metrics & {"fid", "kid"}:
+    if result.protocol["samples"]["count"] != args.n and metrics & INCEPTION_METRICS:
         raise EvalError(f"gen: the sampler yielded {result.protocol['samples']['count']} images, asked for {args.n}")
     return _finish(args, f"gen_{Path(args.maskgit).stem}_n{args.n}", result)
 

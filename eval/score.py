@@ -24,7 +24,8 @@ from eval.reference import KEEP_FEATURES, ReferenceStats, check_protocol
 from eval.stats import KID_DEFAULTS, FeatureStats, frechet_distance, kernel_inception_distance, warn_if_few
 from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators
 
-METRICS = ("fid", "kid", "swd")
+METRICS = ("fid", "kid", "pr", "swd")
+INCEPTION_METRICS = {"fid", "kid", "pr"}  # the ones computed in Inception features
 
 
 @dataclass
@@ -42,8 +43,8 @@ def _check_metrics(metrics: Iterable[str], extractor: InceptionExtractor | None)
     metrics = set(metrics)
     if not metrics or metrics - set(METRICS):
         raise EvalError(f"metrics must be a non-empty subset of {METRICS}, got {sorted(metrics)}")
-    if metrics & {"fid", "kid"} and extractor is None:
-        raise EvalError("FID/KID need the Inception extractor; only SWD works without weights")
+    if metrics & INCEPTION_METRICS and extractor is None:
+        raise EvalError("FID/KID/precision/recall need the Inception extractor; only SWD works without weights")
     return metrics
 
 
@@ -72,7 +73,31 @@ def _inception_metrics(stats: FeatureStats, ref_mu, ref_sigma, ref_count: int, r
         out[f"{name}_mean"], out[f"{name}_std"] = kid["mean"], kid["std"]
         params = {k: v for k, v in kid.items() if k not in ("mean", "std")}
         params["features"] = [len(stats.features()), len(ref_features)]
+    if "pr" in metrics:
+        if ref_features is None:
+            raise EvalError("precision/recall need reference features; the reference was saved without them "
+                            "(--kid-features 0)")
+        pr = precision_recall(stats.features(), ref_features)
+        out[metric_name("precision", extractor.standard)] = pr["precision"]
+        out[metric_name("recall", extractor.standard)] = pr["recall"]
+        params["pr"] = {"neighborhood": PR_NEIGHBORHOOD, "features": [len(stats.features()), len(ref_features)]}
     return out, params
+
+
+PR_NEIGHBORHOOD = 3  # k of the k-NN radii (Kynkaanniemi et al. 2019; torch-fidelity's default)
+
+
+def precision_recall(generated, real, k: int = PR_NEIGHBORHOOD) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019) of generated vs real feature
+    rows (n, D): precision = share of generated samples inside some real sample's k-NN ball, recall = share
+    of real samples inside some generated sample's ball, computed by torch-fidelity."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    g, r = torch.as_tensor(generated, dtype=torch.float32), torch.as_tensor(real, dtype=torch.float32)
+    if min(len(g), len(r)) <= k:
+        raise EvalError(f"precision/recall need more than {k} feature rows per set, got {len(g)} and {len(r)}")
+    precision, recall = calculate_precision_recall_full(g, r, neighborhood=k, batch_size=10000)
+    return {"precision": float(precision), "recall": float(recall)}
 
 
 def _swd_metrics(swd: dict) -> dict:
@@ -94,14 +119,14 @@ def score_images(batches: Iterable[torch.Tensor], reference: ReferenceStats | No
     """
     metrics = _check_metrics(metrics, extractor)
     kid_kwargs = kid_kwargs or {}
-    if metrics & {"fid", "kid"}:
+    if metrics & INCEPTION_METRICS:
         if reference is None:
-            raise EvalError("FID/KID need reference statistics (--ref)")
+            raise EvalError("FID/KID/precision/recall need reference statistics (--ref)")
         check_protocol(reference.protocol, {"weights_sha256": extractor.weights.sha256}, "reference statistics")
     if "swd" in metrics and swd_reference is None:
         raise EvalError("SWD needs reference images (a reference folder/.npz or the reference dataset)")
-    need_features = bool(metrics & {"fid", "kid"})
-    stats = FeatureStats(FEATURE_DIM, keep_features=keep_features if "kid" in metrics else 0)
+    need_features = bool(metrics & INCEPTION_METRICS)
+    stats = FeatureStats(FEATURE_DIM, keep_features=keep_features if metrics & {"kid", "pr"} else 0)
     swd_samples = None
     resolution = None
     for batch in with_progress(batches, total, "scoring", progress):
@@ -168,8 +193,8 @@ def score_reconstructions(batches: Iterable[torch.Tensor],
     """
     metrics = _check_metrics(metrics, extractor)
     kid_kwargs = kid_kwargs or {}
-    need_features = bool(metrics & {"fid", "kid"})
-    keep = keep_features if "kid" in metrics else 0
+    need_features = bool(metrics & INCEPTION_METRICS)
+    keep = keep_features if metrics & {"kid", "pr"} else 0
     originals, recons = FeatureStats(FEATURE_DIM, keep), FeatureStats(FEATURE_DIM, keep)
     swd_orig = swd_recon = None
     count = 0

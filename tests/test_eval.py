@@ -114,7 +114,8 @@ def torch_fidelity_metrics(folders, weights) -> dict:
 
     a, b = folders
     return torch_fidelity.calculate_metrics(
-        input1=str(b), input2=str(a), cuda=False, fid=True, kid=True, feature_extractor_weights_path=str(weights),
+        input1=str(b), input2=str(a), cuda=False, fid=True, kid=True, prc=True, feature_extractor="inception-v3-compat",
+        feature_layer_prc="2048", feature_extractor_weights_path=str(weights),
         kid_subsets=KID_FLAGS["subsets"], kid_subset_size=KID_FLAGS["subset_size"], cache=False, verbose=False,
         save_cpu_ram=True)
 
@@ -152,6 +153,37 @@ def test_kid_matches_torch_fidelity(cli_run, torch_fidelity_metrics):
         torch_fidelity_metrics["kernel_inception_distance_mean"], rel=1e-4)
     assert metrics["KID(unverified-weights)_std"] == pytest.approx(
         torch_fidelity_metrics["kernel_inception_distance_std"], rel=1e-3)
+
+
+def test_precision_recall_match_torch_fidelity(cli_run, torch_fidelity_metrics):
+    """'auto' adds improved precision/recall when the reference kept its features; the values are
+    torch-fidelity's full pipeline's (generated = the scored folder, real = the reference)."""
+    metrics = cli_run["report"]["metrics"]
+    assert metrics["precision(unverified-weights)"] == pytest.approx(torch_fidelity_metrics["precision"], abs=1e-6)
+    assert metrics["recall(unverified-weights)"] == pytest.approx(torch_fidelity_metrics["recall"], abs=1e-6)
+    assert not {"precision", "recall"} & set(metrics)  # random weights never get the standard names
+
+
+def test_precision_recall_by_hand():
+    """k-NN radii computed independently: precision = generated points inside some real point's ball of its
+    k-th neighbour distance; recall the other way round."""
+    from eval.score import precision_recall
+
+    rng = np.random.default_rng(0)
+    real, gen = rng.normal(size=(40, 5)).astype(np.float32), rng.normal(0.7, 1.3, size=(30, 5)).astype(np.float32)
+
+    def inside(points, centres, k=3):
+        d_cc = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+        radius = np.sort(d_cc, axis=1)[:, k]  # k-th neighbour (index 0 is the point itself)
+        d = np.linalg.norm(points[:, None] - centres[None], axis=-1)
+        return float((d <= radius[None]).any(1).mean())
+
+    pr = precision_recall(gen, real)
+    assert pr["precision"] == pytest.approx(inside(gen, real), abs=1e-6)
+    assert pr["recall"] == pytest.approx(inside(real, gen), abs=1e-6)
+    assert 0 < pr["precision"] < 1 and 0 < pr["recall"] < 1
+    with pytest.raises(EvalError, match="more than 3"):
+        precision_recall(gen[:3], real)
 
 
 def test_unverified_weights_are_never_called_fid(cli_run):
