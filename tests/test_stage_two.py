@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_script
+from PIL import Image
 
 from data.codes import CodeDataset, CodeFileError, code_dtype, read_header
 
@@ -42,6 +43,22 @@ def test_train_resume_and_sample(tiny_runs, tmp_path):
                "--grid", grid, "--grid-size", "4", "--num-images", "3", "--out-dir", out_dir, "--attrs", "smiling=1",
                "--cfg", "1.5", "--batch-size", "2")
     assert grid.stat().st_size > 0 and len(list(out_dir.glob("*.png"))) == 3
+
+
+def test_sample_py_takes_the_samplers_and_records_them(tiny_runs, tmp_path):
+    """sample.py's sampler flags reach the decoder (other images than the default sampler's) and are
+    recorded with the samples."""
+    common = ["--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"], "--num-images", "2",
+              "--seed", "3", "--steps", "4"]
+    run_script(ROOT / "sample.py", *common, "--out-dir", tmp_path / "default")
+    run_script(ROOT / "sample.py", *common, "--out-dir", tmp_path / "halton", "--order", "halton",
+               "--temperature", "1.2", "--temperature-end", "0.6", "--choice-schedule", "cosine")
+    record = json.loads((tmp_path / "halton" / "samples.json").read_text())
+    assert "halton" in json.dumps(record) and "0.6" in json.dumps(record)
+    images = lambda d: [np.asarray(Image.open(p)) for p in sorted((tmp_path / d).glob("*.png"))]  # noqa: E731
+    assert any((x != y).any() for x, y in zip(images("default"), images("halton")))
+    bad = run_script(ROOT / "sample.py", *common, "--out-dir", tmp_path / "bad", "--order", "raster", check=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
 def test_sampling_is_reproducible_and_inpainting_keeps_known_tokens(tiny_runs):

@@ -29,7 +29,7 @@ from core.pretrained import is_export, read_config
 from core.processes import shard_batches
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
-from transformer.decoding import CFG_SCHEDULES, maskgit_decode
+from transformer.decoding import CFG_SCHEDULES, CHOICE_SCHEDULES, ORDERS, maskgit_decode
 from transformer.model import MaskGIT, MaskGITConfig
 from transformer.schedule import SCHEDULES
 
@@ -135,7 +135,16 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=None,
                    help="guidance weight w: logits = cond + w (cond - uncond); needs --attrs")
-    g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES))
+    g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES),
+                   help="guidance over the steps: constant, linear, or pow-cosine (0 -> w, MaskBit's ramp)")
+    g.add_argument("--cfg-power", type=float, default=None, help="power of the pow-cosine ramp (3)")
+    g.add_argument("--order", default=None, choices=ORDERS,
+                   help="which positions each step reveals: confidence (MaskGIT) or halton (a low-discrepancy "
+                        "order over the grid, Besnier et al. 2025)")
+    g.add_argument("--temperature-end", type=float, default=None,
+                   help="sampling temperature at the last step (linear from --temperature); unset: constant")
+    g.add_argument("--choice-schedule", default=None, choices=CHOICE_SCHEDULES,
+                   help="decay of the confidence noise from --choice-temperature: linear (reference), cosine, constant")
     g.add_argument("--attrs", default=None, help="conditioning of an attribute model, e.g. smiling=1,glasses=0")
 
 
@@ -143,7 +152,9 @@ def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[s
     """decode_settings from the flags of add_decode_flags, checked before any sampling."""
     settings = decode_settings(meta["config"], steps=args.steps, schedule=args.schedule, top_k=args.top_k,
                                choice_temperature=args.choice_temperature, temperature=args.temperature,
-                               cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule)
+                               cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_power=args.cfg_power,
+                               order=args.order, temperature_end=args.temperature_end,
+                               choice_schedule=args.choice_schedule)
     if settings["steps"] < 1:
         raise UserError(f"--steps must be >= 1, got {settings['steps']}")
     if settings.get("cfg_scale") and not args.attrs:
