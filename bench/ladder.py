@@ -6,6 +6,7 @@
     python bench/ladder.py --setting gpu64          # one GPU: 64x64, the celeba64 presets (not run here)
     python bench/ladder.py --data /path/to/images --rungs baseline opt_affine --seeds 0
     python bench/ladder.py --report-only            # rebuild the table and pages from what is on disk
+    python bench/ladder.py --rungs l2_replace l2_replace@arccos --seeds 0 1 2  # MaskGIT's mask schedule, paired
 
 Huh et al. (ICML 2023) report MaskGIT generation FID on CelebA of 90.5 (baseline VQ) -> 79.7 (+l2
 +replace) -> 74.8 (+OPT +affine). For every rung of ``tokenizer.config.VQ_VARIANTS`` and every seed
@@ -71,6 +72,10 @@ LABELS = {"baseline": "baseline", "l2_replace": "+l2 +replace", "affine": "+affi
           "opt_renorm": "+OPT, W renormalized", "seed_recipe": "reference's recommended layer", "fsq": "FSQ",
           "lfq": "LFQ", "rotation": "VQ + rotation trick", "simvq": "SimVQ"}
 REFERENCE_RUNG = "l2_replace"  # every rung is compared with this one, seed by seed
+# Stage-two variants: "<rung>@<variant>" trains only MaskGIT differently, on the tokenizer and codes of
+# "<rung>" with the same seed (linked, not retrained), so its pair with "<rung>" differs in MaskGIT alone.
+MG_VARIANTS = {"arccos": ["masking.schedule=arccos"]}
+LABELS.update({f"{r}@{v}": f"{LABELS.get(r, r)}, MaskGIT {v}" for r in VQ_VARIANTS for v in MG_VARIANTS})
 RECORDS = ROOT / "bench" / "results"
 # The paper's MaskGIT-on-CelebA generation FID (read off its figure, about +-0.5); other rungs not reported.
 PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
@@ -210,10 +215,20 @@ def one_run(rung: str, seed: int, folder: str, s: dict, a: argparse.Namespace, m
         (d / ".lock").unlink(missing_ok=True)
 
 
-def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, ref: Path) -> dict:
+def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, ref: Path) -> dict | None:
     done_path, log = d / "stages.json", d / "output.log"
     done = json.loads(done_path.read_text()) if done_path.exists() else []
     tok, codes, mg = d / "tokenizer", d / "codes", d / "maskgit"
+    base, _, variant = rung.partition("@")
+    if variant and not (tok.exists() and codes.exists()):
+        source = d.parent.parent / base / d.name
+        ready = (source / "stages.json").exists() and "codes" in json.loads((source / "stages.json").read_text())
+        if not ready:
+            print(f"[{rung} seed {seed}] waits for the tokenizer and codes of {base} seed {seed}; skipped here",
+                  file=sys.stderr, flush=True)
+            return None
+        for name in ("tokenizer", "codes"):
+            (d / name).symlink_to((source / name).resolve(), target_is_directory=True)
 
     def stage(name: str, fn) -> None:
         if name in done:
@@ -228,12 +243,12 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
     stage("tokenizer", lambda: run([
         "train_tokenizer.py", "--preset", s["tok_preset"], "--run-dir", str(tok), "--resume",
         *data_overrides(folder, s), f"optim.steps={s['tok_steps']}", f"optim.seed={seed}", "log.val_batches=0",
-        f"log.ckpt_every={max(s['tok_steps'] // 4, 1)}", *s["tok_args"], *variant_overrides(rung)], log))
+        f"log.ckpt_every={max(s['tok_steps'] // 4, 1)}", *s["tok_args"], *variant_overrides(base)], log))
     stage("codes", lambda: run(["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)], log))
     stage("maskgit", lambda: run([
         "train_maskgit.py", "--preset", s["mg_preset"], "--run-dir", str(mg), "--resume", "--codes", str(codes),
         "--tokenizer", str(tok / "checkpoint.pt"), f"optim.steps={s['mg_steps']}", f"optim.seed={seed}",
-        f"log.ckpt_every={max(s['mg_steps'] // 4, 1)}", *s["mg_args"]], log))
+        f"log.ckpt_every={max(s['mg_steps'] // 4, 1)}", *s["mg_args"], *MG_VARIANTS.get(variant, [])], log))
 
     def sample() -> None:
         shutil.rmtree(d / "samples", ignore_errors=True)  # a half-written set from a killed run
@@ -444,7 +459,9 @@ paired t-test p. "better" / "worse" only where the interval excludes 0.</p>
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
-    p.add_argument("--rungs", nargs="+", default=RUNGS, choices=list(VQ_VARIANTS))
+    p.add_argument("--rungs", nargs="+", default=RUNGS, choices=[*VQ_VARIANTS, *LABELS],
+                   help="VQ rungs, or <rung>@<variant> for a MaskGIT variant on that rung's tokenizer "
+                        f"({', '.join(MG_VARIANTS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--data", default=DEFAULT_DATA, help="image folder, CelebA folder, the shared tarball's folder, or 'procedural'")
     p.add_argument("--runs-dir", default="runs/ladder")
@@ -514,7 +531,9 @@ def main() -> None:
     paired_raw, paired_lines = comparisons(results)
     figures(results, out)
     meta = {"command": "python bench/ladder.py " + " ".join(sys.argv[1:]), "setting": a.setting, **s,
-            "data": str(folder), "seeds": a.seeds, "rungs": {r: VQ_VARIANTS[r] for r in results},
+            "data": str(folder), "seeds": a.seeds,
+            "rungs": {r: {**VQ_VARIANTS[r.partition("@")[0]], **({"maskgit": MG_VARIANTS[r.partition("@")[2]]}
+                                                                 if "@" in r else {})} for r in results},
             "metrics": "FID/KID (standard Inception) + SWD" if have_fid else "SWD only (no Inception weights found)",
             "reference": counts, "decoding": {"steps": 8, "choice_temperature": 4.5, "temperature": 1.0},
             "weights": "EMA (tokenizer and MaskGIT)", "floors": floors, "elapsed_s_this_call": time.time() - t0,

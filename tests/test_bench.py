@@ -121,10 +121,17 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
     """One rung, one seed, the smoke budget: every stage runs through the project's CLIs, the table has
     the rung and the real-image floor, and a second call finds every stage done (resume)."""
     runs = tmp_path / "ladder"
-    args = ("--setting", "smoke", "--data", face_folder, "--rungs", "opt_affine", "--seeds", "0", "--runs-dir", runs)
+    args = ("--setting", "smoke", "--data", face_folder, "--rungs", "opt_affine", "opt_affine@arccos", "--seeds", "0",
+            "--runs-dir", runs)
     run_script(ROOT / "bench/ladder.py", *args, timeout=600)
     result = json.loads((runs / "ladder.json").read_text())
-    assert set(result["results"]) == {"opt_affine"}
+    assert set(result["results"]) == {"opt_affine", "opt_affine@arccos"}
+    # the MaskGIT variant trains on the same tokenizer and codes (linked), with its own mask schedule
+    variant = runs / "opt_affine@arccos" / "seed0"
+    assert (variant / "tokenizer").resolve() == (runs / "opt_affine" / "seed0" / "tokenizer").resolve()
+    mg_cfg = json.loads((variant / "maskgit" / "config.json").read_text())
+    assert mg_cfg["masking"]["schedule"] == "arccos"
+    assert result["meta"]["rungs"]["opt_affine@arccos"]["maskgit"] == ["masking.schedule=arccos"]
     for rung in ("opt_affine",):
         r = result["results"][rung]["seed0"]
         assert 0 < r["codes_used"] <= 1 and 1 <= r["perplexity"] <= r["num_codes"] and r["swd"] > 0 and r["rswd"] > 0
