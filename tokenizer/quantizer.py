@@ -98,11 +98,17 @@ class VectorQuant(nn.Module):
       ``torch.autograd.grad`` and handed to the optimizer through a swapped-in ``.grad`` that is
       restored afterwards, so no gradient leaks into the affine parameters or into the main
       optimizer's accumulated gradients. The affine parameters do not take part in this step.
-      As in the paper's reference library, alternating optimization requires ``beta = 1``: the
-      encoder gets no commitment gradient (only the task gradient), and the codebook term of ``loss``
-      is computed with W detached, so the main optimizer never applies a second codebook-loss step to
-      W; it still trains the affine parameters (if any). W does receive the synchronized task gradient
-      ``nu * g`` from the main optimizer: that is what ``sync_nu`` is for.
+      The codebook term of ``loss`` is then computed with W detached, so the main optimizer never
+      applies a second codebook-loss step to W; it still trains the affine parameters (if any). The
+      commitment term keeps its weight ``1 - beta`` for the encoder: the paper's reference library
+      requires ``beta = 1`` (no commitment gradient at all, only the task gradient); ``beta < 1``
+      keeps a commitment term (the ``opt_commit`` rung). W does receive the synchronized task gradient
+      ``nu * g`` from the main optimizer; with AdamW and no other gradient on W, only whether nu is 0
+      matters, not its value (docs/recipe.md).
+    * ``cb_renorm=True``: W's rows are rescaled to unit length in place, outside the graph, before the
+      assignment of every training forward and again after the in-place step (the reference library's
+      unit-norm codebook); ``get_codebook`` divides by the detached row norms, so the effective codes
+      are unit rows (before the affine map) also after a main-optimizer step. Excludes ``cb_norm``.
     * Under ``torch.distributed`` every replica ends with the identical codebook: k-means centers and
       replaced codes are broadcast from rank 0, code usage is all-reduced (max of last-used step) every step, the
       in-place gradient and the running statistics are averaged over replicas.
