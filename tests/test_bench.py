@@ -4,6 +4,7 @@ No timing is asserted here (speed is measured by the scripts themselves, never b
 tests keep `make bench` from breaking unnoticed, on a folder of generated face images instead of
 the shared CelebA copy.
 """
+import collections
 import json
 
 import pytest
@@ -326,3 +327,26 @@ def test_precision_bench_pairs_bf16_with_fp32_by_seed(tmp_path):
     for precision in ("no", "bf16"):  # the two runs differ in their precision only
         cfg = json.loads((out / "fsq" / precision / "seed0" / "config.json").read_text())
         assert cfg["optim"]["mixed_precision"] == precision and cfg["optim"]["seed"] == 0
+
+
+def test_host_read_counter_sees_every_kind_of_read():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from count_syncs import count_host_reads
+
+    x = torch.arange(6.0)
+    with count_host_reads() as counts:
+        x.sum().item()
+        bool(x.max() > 2)
+        x.tolist()
+        torch.nonzero(x)
+        x[x > 2]  # boolean-mask indexing: a data-dependent shape
+        x[1:3] + x[torch.tensor([0, 1])]  # plain and integer indexing: no read
+        float(x[0])
+    kinds = collections.Counter(kind for kind, _ in counts.elements())
+    assert kinds == {"item": 1, "__bool__": 1, "tolist": 1, "torch.nonzero": 1, "boolean index": 1, "__float__": 1}
+    assert all(where.startswith("tests/test_bench.py:") for _, where in counts)
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and torch.Tensor.item.__name__ == "item"  # restored
