@@ -281,3 +281,30 @@ def test_state_dict_round_trip_keeps_quantizer_state():
     assert fresh.inplace_optimizer.state_dict()["state"]  # momentum restored
     z = torch.randn(10, 8)
     assert torch.equal(fresh.eval()(z)[0], vq.eval()(z)[0])
+
+
+def test_kmeans_flag_is_read_on_the_host_once_not_every_step():
+    """After the k-means init (or a load), a training forward with kmeans_init reads no more tensors on
+    the host than one without it: the done flag is cached, re-read only after load_state_dict."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from count_syncs import count_host_reads
+
+    reads = {}
+    for km in (False, True):
+        torch.manual_seed(0)
+        vq = VectorQuant(8, 16, kmeans_init=km)
+        vq(torch.randn(64, 8))  # step 1 (the init)
+        with count_host_reads() as counts:
+            for _ in range(3):
+                vq(torch.randn(64, 8))
+        reads[km] = sum(counts.values())
+    assert reads[True] == reads[False]
+    fresh = VectorQuant(8, 16, kmeans_init=True)
+    fresh.load_state_dict(vq.state_dict())  # a loaded, already initialised codebook is not re-fitted
+    before = fresh.codebook.weight.detach().clone()
+    fresh(torch.randn(64, 8) * 5)
+    assert torch.equal(fresh.codebook.weight.detach(), before)

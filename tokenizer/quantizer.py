@@ -157,6 +157,9 @@ class VectorQuant(nn.Module):
                 self.register_buffer(name, torch.ones(feature_size))
             self.register_buffer("stats_ready", torch.tensor(False))
         self.register_buffer("kmeans_done", torch.tensor(False))
+        # ``kmeans_done`` read on the host once (after construction or a load), not at every step
+        self._kmeans_waiting: bool | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_kmeans_waiting", None))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.register_buffer("last_used", torch.zeros(num_codes, dtype=torch.long))
         self.inplace_optimizer = inplace_optimizer([self.codebook.weight]) if inplace_optimizer else None
@@ -225,7 +228,7 @@ class VectorQuant(nn.Module):
 
         if self.training:
             self.step += 1
-            if self.kmeans_init and not bool(self.kmeans_done):
+            if self.kmeans_init and self._kmeans_pending():
                 self._kmeans_init(zd)
             if self.running_affine:
                 self._update_running_stats(zd)
@@ -269,6 +272,11 @@ class VectorQuant(nn.Module):
         return out.view(*spatial, -1).movedim(-1, self.dim), info
 
     # ---- stateful parts (training only) ----------------------------------------------------------
+    def _kmeans_pending(self) -> bool:
+        if self._kmeans_waiting is None:
+            self._kmeans_waiting = not bool(self.kmeans_done)  # one host read, then cached
+        return self._kmeans_waiting
+
     @torch.no_grad()
     def _kmeans_init(self, z: Tensor) -> None:
         k_fit = min(self.num_codes, z.shape[0])
@@ -282,6 +290,7 @@ class VectorQuant(nn.Module):
         self.codebook.weight.copy_(self._invert_affine(centers, all_codes))
         broadcast_(self.codebook.weight.data)
         self.kmeans_done.fill_(True)
+        self._kmeans_waiting = False
 
     @staticmethod
     def _noise_like(v: Tensor, rel: float = 0.01) -> Tensor:
