@@ -363,7 +363,7 @@ def comparisons(results: dict) -> tuple[dict, list[str]]:
         if rung == REFERENCE_RUNG:
             continue
         raw[rung] = {key: paired(runs, ref, key) for key, _, _ in keys}
-        cells = [LABELS.get(rung, rung), str(max((c["n"] for c in raw[rung].values() if c), default=0))]
+        cells = [LABELS.get(rung, rung), str(len(set(runs) & set(ref)))]
         for key, _, lower in keys:
             c = raw[rung][key]
             cells.append("—" if c is None else f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], "
