@@ -176,3 +176,19 @@ def test_residual_refuses_unit_norm_codes_and_runs_from_a_preset(tmp_path):
         key = f"quantizer.vqs.{stage}.codebook.weight"
         assert bool(ckpt["model"][key.replace("codebook.weight", "kmeans_done")])
         assert torch.equal(ckpt["ema"][key], ckpt["model"][key])
+
+
+def test_the_layer_owns_its_rules_and_the_config_relies_on_them():
+    """A rule lives in the layer users import; the config refuses the same settings by building the layer,
+    in one line that names the config's fields."""
+    from core.config import ConfigError
+    from tokenizer import ResidualVectorQuant
+
+    with pytest.raises(ValueError, match="cb_norm"):
+        ResidualVectorQuant(16, 32, groups=2, cb_norm="l2")  # refused by the layer itself now
+    with pytest.raises(ConfigError, match=r"vq \(kind=residual\).*cb_norm"):
+        VQConfig(kind="residual", groups=2, cb_norm="l2")
+    with pytest.raises(ConfigError, match=r"feature_size is vq.code_dim.*got 0"):
+        VQConfig(code_dim=0)
+    with pytest.raises(ConfigError, match="one codebook normalization"):
+        VQConfig(cb_norm="l2", cb_renorm=True)

@@ -51,13 +51,15 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         require(self.kind in KINDS, f"vq.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in ("num_codes", "code_dim", "groups"):
-            require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
         require(self.inplace_lr >= 0, f"vq.inplace_lr must be >= 0 (0 disables alternating optimization), got {self.inplace_lr}")
-        require(self.kind != "residual" or self.cb_norm is None,
-                "vq.kind=residual refuses vq.cb_norm=l2: unit-norm codes cannot follow residuals that "
-                "shrink stage after stage; set vq.cb_norm=none (vq.norm=l2 still normalizes the input)")
         _check_kind_options(self)
+        # The layers own their rules (they are the public API, used without a config too): build one to
+        # check this config against them, and say what they refuse in the config's words.
+        try:
+            build_quantizer(self)
+        except ValueError as e:
+            where = f"kind={self.kind}" + ("; the layer's feature_size is vq.code_dim" if "feature_size" in str(e) else "")
+            require(False, f"vq ({where}): {e}")
 
 
 # What each kind cannot use, and why. The grids (fsq, lfq) have no learned codebook at all; SimVQ's
@@ -133,6 +135,29 @@ class TokenizerConfig:
         return side, side
 
 
+def build_quantizer(cfg: VQConfig) -> nn.Module:
+    """The VQ layer for ``cfg``, with features on dim 1 (B, C, H, W)."""
+    inplace = partial(torch.optim.SGD, lr=cfg.inplace_lr, momentum=cfg.inplace_momentum) if cfg.inplace_lr > 0 else None
+    common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
+                  affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
+                  sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1,
+                  rotation_trick=cfg.rotation_trick, cb_renorm=cfg.cb_renorm)
+    if cfg.kind == "fsq":
+        return FiniteScalarQuant(cfg.code_dim, cfg.levels or fsq_levels(cfg.num_codes), dim=1)
+    if cfg.kind == "lfq":
+        return LookupFreeQuant(cfg.code_dim, cfg.num_codes, beta=cfg.beta, temperature=cfg.entropy_temperature,
+                               sample_entropy_weight=cfg.sample_entropy_weight,
+                               codebook_entropy_weight=cfg.codebook_entropy_weight, dim=1)
+    if cfg.kind == "simvq":
+        return SimVQ(cfg.code_dim, cfg.num_codes, beta=cfg.beta, norm=cfg.norm, cb_norm=cfg.cb_norm,
+                     sync_nu=cfg.sync_nu, rotation_trick=cfg.rotation_trick, dim=1)
+    if cfg.kind == "vector":
+        return VectorQuant(cfg.code_dim, cfg.num_codes, **common)
+    cls = GroupVectorQuant if cfg.kind == "group" else ResidualVectorQuant
+    share = cfg.kind == "group" if cfg.share is None else cfg.share
+    return cls(cfg.code_dim, cfg.num_codes, groups=cfg.groups, share=share, **common)
+
+
 # The ablation ladder of the paper (Huh et al. 2023, Fig. 7 / Table 2), each rung adding what the
 # paper's rung adds. "OPT" is the reference library's alternating optimization as its in-place example
 # runs it: an in-place SGD step on the codebook (lr 50, momentum 0.9) with beta = 1 (no commitment term,
@@ -197,26 +222,3 @@ PRESETS: dict[str, TokenizerConfig] = {
 def preset(name: str) -> TokenizerConfig:
     require(name in PRESETS, f"unknown tokenizer preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], vq=dataclasses.replace(PRESETS[name].vq))
-
-
-def build_quantizer(cfg: VQConfig) -> nn.Module:
-    """The VQ layer for ``cfg``, with features on dim 1 (B, C, H, W)."""
-    inplace = partial(torch.optim.SGD, lr=cfg.inplace_lr, momentum=cfg.inplace_momentum) if cfg.inplace_lr > 0 else None
-    common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
-                  affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
-                  sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1,
-                  rotation_trick=cfg.rotation_trick, cb_renorm=cfg.cb_renorm)
-    if cfg.kind == "fsq":
-        return FiniteScalarQuant(cfg.code_dim, cfg.levels or fsq_levels(cfg.num_codes), dim=1)
-    if cfg.kind == "lfq":
-        return LookupFreeQuant(cfg.code_dim, cfg.num_codes, beta=cfg.beta, temperature=cfg.entropy_temperature,
-                               sample_entropy_weight=cfg.sample_entropy_weight,
-                               codebook_entropy_weight=cfg.codebook_entropy_weight, dim=1)
-    if cfg.kind == "simvq":
-        return SimVQ(cfg.code_dim, cfg.num_codes, beta=cfg.beta, norm=cfg.norm, cb_norm=cfg.cb_norm,
-                     sync_nu=cfg.sync_nu, rotation_trick=cfg.rotation_trick, dim=1)
-    if cfg.kind == "vector":
-        return VectorQuant(cfg.code_dim, cfg.num_codes, **common)
-    cls = GroupVectorQuant if cfg.kind == "group" else ResidualVectorQuant
-    share = cfg.kind == "group" if cfg.share is None else cfg.share
-    return cls(cfg.code_dim, cfg.num_codes, groups=cfg.groups, share=share, **common)

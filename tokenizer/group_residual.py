@@ -88,6 +88,9 @@ class ResidualVectorQuant(nn.Module):
                              f"inplace_optimizer={vq_kwargs.get('inplace_optimizer')}); use share=False")
         if groups <= 0:
             raise ValueError(f"groups (number of residual stages) must be positive, got {groups}")
+        if _check_norm(vq_kwargs.get("cb_norm"), "cb_norm") is not None:
+            raise ValueError("ResidualVectorQuant refuses cb_norm='l2': unit-norm codes cannot follow residuals that "
+                             "shrink stage after stage; use cb_norm=None (norm='l2' still normalizes the input)")
         self.groups, self.share, self.dim, self.sync_nu, self.feature_size = groups, share, dim, float(sync_nu), feature_size
         self.rotation_trick = bool(rotation_trick)
         n = 1 if share else groups
