@@ -75,6 +75,10 @@ REFERENCE_RUNG = "l2_replace"  # every rung is compared with this one, seed by s
 # Stage-two variants: "<rung>@<variant>" trains only MaskGIT differently, on the tokenizer and codes of
 # "<rung>" with the same seed (linked, not retrained), so its pair with "<rung>" differs in MaskGIT alone.
 MG_VARIANTS = {"arccos": ["masking.schedule=arccos"]}
+# The ladder's sampler, spelled out so that a change of sample.py's defaults never changes a rung's numbers
+# (MaskGIT's reference sampler: confidence order, Gumbel noise 4.5 annealed linearly, temperature 1).
+DECODING = ["--steps", "8", "--order", "confidence", "--choice-temperature", "4.5", "--choice-schedule", "linear",
+            "--temperature", "1.0"]
 LABELS.update({f"{r}@{v}": f"{LABELS.get(r, r)}, MaskGIT {v}" for r in VQ_VARIANTS for v in MG_VARIANTS})
 RECORDS = ROOT / "bench" / "results"
 # The paper's MaskGIT-on-CelebA generation FID (read off its figure, about +-0.5); other rungs not reported.
@@ -253,7 +257,7 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
     def sample() -> None:
         shutil.rmtree(d / "samples", ignore_errors=True)  # a half-written set from a killed run
         run(["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
-             "--seed", str(seed), "--steps", "8", "--grid", str(d / "samples_grid.png"), "--grid-size", "16",
+             "--seed", str(seed), *DECODING, "--grid", str(d / "samples_grid.png"), "--grid-size", "16",
              "--num-images", str(s["samples"]), "--out-dir", str(d / "samples")], log)
 
     stage("sample", sample)
@@ -535,7 +539,7 @@ def main() -> None:
             "rungs": {r: {**VQ_VARIANTS[r.partition("@")[0]], **({"maskgit": MG_VARIANTS[r.partition("@")[2]]}
                                                                  if "@" in r else {})} for r in results},
             "metrics": "FID/KID (standard Inception) + SWD" if have_fid else "SWD only (no Inception weights found)",
-            "reference": counts, "decoding": {"steps": 8, "choice_temperature": 4.5, "temperature": 1.0},
+            "reference": counts, "decoding": " ".join(DECODING),
             "weights": "EMA (tokenizer and MaskGIT)", "floors": floors, "elapsed_s_this_call": time.time() - t0,
             "date": time.strftime("%Y-%m-%d")}
     (out / "ladder.json").write_text(json.dumps({"meta": meta, "results": results, "table": lines,
