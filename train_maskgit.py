@@ -10,9 +10,6 @@ names the tokenizer and its sha256), samples_*.png and train_metrics.json.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -20,13 +17,12 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from core.checkpoint import file_sha256
-from core.config import from_dict, require, to_dict
+from core.config import from_dict, to_dict
 from core.errors import main_guard
 from core.files import write_json
 from data.codes import CodeDataset, check_matches_tokenizer
 from tokenizer import load_tokenizer
 from training import tracking
-from training.config import LogConfig, OptimConfig
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine
 from training.run import (
@@ -44,46 +40,8 @@ from training.run import (
 )
 from training.sampler import step_loader
 from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
-from transformer.model import PRESETS as MODEL_PRESETS
+from transformer.config import PRESETS, TrainMaskGITConfig
 from transformer.pipeline import decode_settings, generate
-from transformer.schedule import SCHEDULES
-
-
-@dataclass
-class MaskingConfig:
-    schedule: str = "cosine"  # mask schedule gamma, shared with decoding
-    label_smoothing: float = 0.1
-    condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
-    sample_steps: int = 8  # decoding steps T for the periodic sample grids
-
-    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
-        require(self.schedule in SCHEDULES, f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        require(0 <= self.label_smoothing < 1, f"masking.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        require(self.condition in ("none", "attrs"), f"masking.condition must be 'none' or 'attrs', got {self.condition!r}")
-        require(self.sample_steps >= 1, f"masking.sample_steps must be >= 1, got {self.sample_steps}")
-
-
-@dataclass
-class TrainMaskGITConfig:
-    model: MaskGITConfig = field(default_factory=MaskGITConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-
-PRESETS = {
-    "tiny": TrainMaskGITConfig(
-        model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
-        optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
-                          warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
-    # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
-    "celeba64": TrainMaskGITConfig(
-        model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
-        optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
-                          warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
-        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
-}
 
 
 def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device: torch.device) -> dict | None:

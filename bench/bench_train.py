@@ -41,8 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer import preset as tokenizer_preset  # noqa: E402
-from train_maskgit import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
 from transformer import MaskGIT, mask_tokens, masked_ce_loss  # noqa: E402
+from transformer.config import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s from the vendor data sheets (SXM parts). "fp32" runs with TF32
 # matmuls/convolutions enabled (as below), so its peak is the TF32 one.

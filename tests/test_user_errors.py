@@ -173,7 +173,7 @@ def test_resume_accepts_overrides_equal_to_defaults_of_fields_newer_than_the_che
     import pytest
 
     from core.config import ConfigError, to_dict
-    from train_tokenizer import PRESETS, TrainTokenizerConfig
+    from tokenizer.train_config import PRESETS, TrainTokenizerConfig
     from training.run import resolve_config
 
     stored = to_dict(PRESETS["tiny"])
@@ -192,7 +192,7 @@ def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, en
     from core.checkpoint import save_checkpoint
     from core.config import ConfigError, to_dict
     from tokenizer import load_tokenizer
-    from train_tokenizer import PRESETS
+    from tokenizer.train_config import PRESETS
 
     stored = to_dict(PRESETS["tiny"])
     stored["model"]["vq"].update(inplace_lr=50.0, beta=0.98)  # the old opt rung

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,10 +48,14 @@ def base_parser(description: str, presets: dict[str, Any], default_preset: str) 
     return p
 
 
-def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str) -> argparse.Namespace:
+def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str,
+                   tie: Callable[[list[str]], list[str]] | None = None) -> argparse.Namespace:
     """Parse the command line; --print-config prints preset + overrides as JSON and exits, before the
-    flags a run needs (--run-dir and ``required``) are checked."""
+    flags a run needs (--run-dir and ``required``) are checked. ``tie`` rewrites the overrides first
+    (one setting stored under two keys)."""
     args = p.parse_args()
+    if tie is not None:
+        args.overrides = tie(args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(apply_overrides(presets[args.preset], args.overrides)), indent=2))
         sys.exit(0)

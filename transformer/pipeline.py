@@ -23,14 +23,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from core.config import stored_config
+from core.config import stored_config, to_dict
 from core.errors import UserError
 from core.pretrained import is_export, read_config
 from core.processes import shard_batches
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
+from transformer.config import MaskingConfig, TrainMaskGITConfig
 from transformer.decoding import CFG_SCHEDULES, maskgit_decode
-from transformer.model import MaskGIT, MaskGITConfig
+from transformer.model import MaskGIT
 from transformer.schedule import SCHEDULES
 
 SAMPLES_RECORD = "samples.json"  # next to a folder of samples: what made them (sample.py writes, eval reads)
@@ -49,14 +50,16 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
                             "when exporting)")
         config = read_config(maskgit_path, "maskgit")
         model = MaskGIT.from_pretrained(maskgit_path, device=device)
-        meta = {**config["meta"], "config": {"model": config["model"], "masking": config["masking"]}}
+        masking = stored_config(MaskingConfig, config["masking"], f"{maskgit_path}/config.json")
+        meta = {**config["meta"], "config": {"model": to_dict(model.cfg), "masking": to_dict(masking)}}
     else:
         try:
             ckpt = load_checkpoint(maskgit_path, kind="maskgit")
         except CheckpointError as e:
             raise CheckpointError(f"--maskgit: {e}") from None
-        meta = {**ckpt["meta"], "config": ckpt["config"]}
-        model = MaskGIT(stored_config(MaskGITConfig, ckpt["config"]["model"], str(maskgit_path)))
+        cfg = stored_config(TrainMaskGITConfig, ckpt["config"], str(maskgit_path))  # the run's config, typed
+        meta = {**ckpt["meta"], "config": to_dict(cfg)}
+        model = MaskGIT(cfg.model)
         model.load_state_dict(ckpt["ema" if ema else "model"])
         model = model.to(device).eval()
     identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}

@@ -1,0 +1,52 @@
+"""MaskGIT's run schema: what train_maskgit.py trains and what its checkpoints store under "config"
+(read back typed by ``transformer.pipeline``), with its named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from core.config import require
+from training.config import LogConfig, OptimConfig
+from transformer.model import PRESETS as MODEL_PRESETS
+from transformer.model import MaskGITConfig
+from transformer.schedule import SCHEDULES
+
+
+@dataclass
+class MaskingConfig:
+    schedule: str = "cosine"  # mask schedule gamma, shared with decoding
+    label_smoothing: float = 0.1
+    condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
+    sample_steps: int = 8  # decoding steps T for the periodic sample grids
+
+    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
+        require(self.schedule in SCHEDULES, f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        require(0 <= self.label_smoothing < 1, f"masking.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(self.condition in ("none", "attrs"), f"masking.condition must be 'none' or 'attrs', got {self.condition!r}")
+        require(self.sample_steps >= 1, f"masking.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+@dataclass
+class TrainMaskGITConfig:
+    """model: the transformer (num_codes, grid and num_attrs come from the code files); masking: the training
+    masks and the decoding defaults stored with the model; optim, log: shared with train_tokenizer.py."""
+
+    model: MaskGITConfig = field(default_factory=MaskGITConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+PRESETS = {
+    "tiny": TrainMaskGITConfig(
+        model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
+        optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
+                          warmup_steps=50, ema_decay=0.99),
+        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+    # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
+    "celeba64": TrainMaskGITConfig(
+        model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
+        optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
+                          warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
+        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
+}
