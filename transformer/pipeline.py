@@ -171,10 +171,10 @@ def parse_attrs(text: str | None, meta: dict[str, Any], model: MaskGIT) -> torch
 
 
 def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpaint: bool) -> torch.Tensor:
-    """(h, w) bool, True = regenerate. A token is regenerated when any of its pixels is masked."""
-    r, (h, w) = tokenizer.cfg.resolution, tokenizer.grid
+    """sample.py's --box / --mask -> (h, w) bool tokens to regenerate (``region_tokens``)."""
+    r = tokenizer.cfg.resolution
     if mask_path:
-        pixels = preprocess_uint8(load_rgb(mask_path), r, None).float().mean(0) > 127  # white = regenerate
+        pixels = preprocess_uint8(load_rgb(mask_path), r, None).float().mean(0) > 127  # white = the region
     elif box:
         try:
             x0, y0, x1, y1 = (int(v) for v in box.split(","))
@@ -186,12 +186,28 @@ def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpa
         pixels[y0:y1, x0:x1] = True
     else:
         raise UserError("--inpaint needs --box or --mask")
-    if outpaint:
-        pixels = ~pixels
-    grid = F.adaptive_max_pool2d(pixels[None, None].float(), (h, w))[0, 0] > 0
-    if not grid.any():
-        raise UserError("the mask covers no token: nothing to regenerate")
-    return grid
+    return region_tokens(pixels, tokenizer.grid, outpaint)
+
+
+def region_tokens(region: torch.Tensor, grid: tuple[int, int], outpaint: bool) -> torch.Tensor:
+    """(R, R) bool region as drawn -> (h, w) bool, True = regenerate: a token is regenerated when any of its
+    pixels is in the region (inpainting), or out of it (outpainting). Inpainting in sample.py and the studio."""
+    area = ~region if outpaint else region
+    tokens = F.adaptive_max_pool2d(area[None, None].float(), tuple(grid))[0, 0] > 0
+    if not tokens.any():
+        raise UserError("the region covers no token: nothing to regenerate")
+    if tokens.all():
+        raise UserError("the region covers every token: nothing is kept (sample without inpainting)")
+    return tokens
+
+
+def keep_outside(images: torch.Tensor, original: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Decoded (B, 3, R, R) uint8 images with every pixel outside the regenerated ``tokens`` (h, w) taken
+    exactly from ``original`` (3, R, R) uint8: the decoder spreads each token over its neighbours, so the
+    decoded picture alone would change the kept pixels slightly."""
+    (h, w), r = tokens.shape, original.shape[-1]
+    pixels = tokens.repeat_interleave(r // h, 0).repeat_interleave(r // w, 1).to(images.device)  # (R, R)
+    return torch.where(pixels, images, original.to(images.device))
 
 
 def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -204,16 +220,17 @@ def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -
 @torch.no_grad()
 def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: int, steps: int = 8,
              attrs: torch.Tensor | None = None, init: torch.Tensor | None = None,
-             init_mask: torch.Tensor | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
-             **decode_kwargs: Any) -> Iterator[torch.Tensor]:
+             init_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None, progress: bool = True,
+             shard: tuple[int, int] = (0, 1), **decode_kwargs: Any) -> Iterator[torch.Tensor]:
     """Yield uint8 image batches (B, 3, H, W) of images 0..n-1, in batches [0, B), [B, 2B), ...
 
     Image i draws its random numbers from its own generator, ``image_generator(seed, i)``, so it is the
     same image whichever images share its batch. shard=(rank, world): only the batches
     ``core.processes.shard_batches`` gives that process (sample.py on several processes), the same
     batches as with one process. attrs: (A,) one condition for every sample, or (n, A) one per sample.
-    init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting). decode_kwargs go
-    to maskgit_decode."""
+    init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting); keep: (3, R, R) uint8,
+    the picture whose pixels outside the regenerated tokens are returned unchanged (``keep_outside``).
+    decode_kwargs go to maskgit_decode."""
     device = next(model.parameters()).device
     h, w = tokenizer.grid
     batches = shard_batches(n, batch_size, *shard)
@@ -229,5 +246,6 @@ def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: 
                 extra = dict(init_tokens=init.expand(b, -1).to(device), init_mask=init_mask.expand(b, -1).to(device))
             generators = [image_generator(seed, i, device) for i in idx]
             tokens = maskgit_decode(model, b, generators, steps=steps, cond=cond, **extra, **decode_kwargs)
-            yield to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
+            images = to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
+            yield images if keep is None else keep_outside(images, keep, init_mask.view(h, w).cpu())
             bar.update(b)
