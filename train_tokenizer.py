@@ -27,7 +27,7 @@ from tokenizer.losses import TokenizerLoss
 from tokenizer.quantizer import NonFiniteInputError
 from tokenizer.quantizer import kmeans_pending as raw_kmeans_pending
 from tokenizer.train_config import PRESETS, TrainTokenizerConfig, tie_resolution
-from tokenizer.kmeans import code_histogram, perplexity
+from tokenizer.usage import code_histogram, perplexity
 from training import tracking
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine

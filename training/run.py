@@ -21,7 +21,7 @@ from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
-from core.processes import multi_cpu
+from core.processes import all_ranks_any, multi_cpu
 
 T = TypeVar("T")
 
@@ -173,16 +173,6 @@ class MetricWindow:
         out[rate_name] = self.items / max(time.time() - self.t0, 1e-9)
         self.__init__()
         return out
-
-
-def all_ranks_any(flag: bool, device: torch.device) -> bool:
-    """True on every process when ``flag`` is True on any (one all-reduce; the flag itself with one process).
-    Per-rank decisions to skip a backward or to stop would leave the other ranks waiting in a collective."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class StopSignal:
