@@ -26,17 +26,12 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
-
-for path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):  # the repo; bench_loader
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench_loader import Trainer, write_json  # noqa: E402
+from bench_loader import Trainer  # noqa: E402
+from common import write_result  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -171,7 +166,7 @@ def main() -> None:
             "maskgit": a.maskgit, "tokens_per_image": n_tokens, "steps": a.steps, "warmup": a.warmup,
             "torch": torch.__version__, "platform": platform.platform(),
             "flops": "torch.utils.flop_counter.FlopCounterMode, one training step (forward + backward)"}
-    write_json(a.out, {"meta": meta, "rows": rows, "table": lines})
+    write_result(a.out, {"meta": meta, "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":
