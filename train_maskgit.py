@@ -49,15 +49,15 @@ def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device
 
 
 @torch.no_grad()
-def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfig, device: torch.device,
-                    max_batches: int = 20) -> dict[str, float]:
-    """Validation loss and masked-token accuracy at mask ratios r = 0.25, 0.5, 0.75 (fixed generator)."""
+def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss and masked-token accuracy at mask ratios r = 0.25, 0.5, 0.75 (fixed generator), over
+    the first log.val_batches batches (0: the whole split)."""
     gen = torch.Generator(device=device).manual_seed(0)
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=False)
     totals = {"loss": 0.0, "accuracy": 0.0}
     n = 0
     for i, batch in enumerate(loader):
-        if i >= max_batches:
+        if cfg.log.val_batches and i >= cfg.log.val_batches:
             break
         tokens = batch["tokens"].to(device)
         for r in (0.25, 0.5, 0.75):

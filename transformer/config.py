@@ -42,11 +42,11 @@ PRESETS = {
         model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
         optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
                           warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+        log=LogConfig(log_every=25, image_every=200, ckpt_every=200, val_batches=20)),
     # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
     "celeba64": TrainMaskGITConfig(
         model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
         optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
                           warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
-        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
+        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000, val_batches=20)),
 }
