@@ -115,6 +115,10 @@ def main() -> None:
     state = TrainState(model, EMA(model, o.ema_decay), opt)
     if ckpt is not None:
         state.restore(ckpt)
+    # Four handles on one network: ``model`` is what Accelerate prepared (DDP on several processes: call it for
+    # the forward, so gradients are all-reduced); ``raw`` is the module itself (its attributes, EMA updates);
+    # ``state.model`` is the same object as ``raw`` (what the checkpoint saves); ``ema.model`` is a separate
+    # averaged copy that draws the sample grids and is scored at the end.
     model, opt = accelerator.prepare(model, opt)
     ema = state.ema
     ema.model.to(accelerator.device)
@@ -143,6 +147,12 @@ def main() -> None:
         step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
+        # grad_accum micro-batches make one step. Under accumulate(), opt.step() and zero_grad() act only on the
+        # last micro-batch (Accelerate skips them, and DDP's all-reduce, on the others), so calling them every
+        # time is right. A non-finite loss is judged by all processes together (NonFiniteGuard: one all-reduce),
+        # so every rank skips the same backward (``continue``) and none waits in a collective the others skip.
+        # A skipped micro-batch adds no gradient; when it is the last one, zero_grad drops the step's gradients
+        # and opt.step() is never called: the whole step is skipped.
         for _ in range(o.grad_accum):
             batch = next(batches)
             tokens = batch["tokens"].to(accelerator.device)
@@ -160,8 +170,8 @@ def main() -> None:
                     accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            window.add({"loss": loss, "masked_accuracy": acc},  # summed on the device: no sync per step
-                       items=tokens.shape[0] * accelerator.num_processes)
+            window.add({"loss": loss, "masked_accuracy": acc},  # summed on the device, read once per log line
+                       items=tokens.shape[0] * accelerator.num_processes)  # (the guard above still reads every step)
         ema.update(raw)
         state.step = step = step + 1
         bar.update(1)

@@ -158,7 +158,7 @@ def main() -> None:
                     logs.update(d_logs)
             window_counts += code_histogram(info["q"], raw.num_codes)
             window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"]},
-                       items=x.shape[0] * accelerator.num_processes)  # summed on the device: no sync per step
+                       items=x.shape[0] * accelerator.num_processes)  # summed on the device, read once per log line
         if skipped:
             accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")
         if kmeans_pending and not raw_kmeans_pending(raw):

@@ -149,8 +149,9 @@ class MetricWindow:
     the first window after a resume off a log boundary is shorter, and skipped steps add nothing.
 
     Values may be floats or scalar tensors. Tensors are summed where they live (in float64, as Python
-    floats would be), so a step costs no host sync: the device is read once per log line, in
-    ``averages``, not once per step for every metric."""
+    floats would be), so the window adds no host sync per step: the device is read once per log line,
+    in ``averages``. (The step itself still syncs elsewhere: the non-finite guard reads the loss, the
+    quantizer checks its input, k-means and dead-code replacement read the device.)"""
 
     def __init__(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = {}
