@@ -101,12 +101,12 @@ fid-ref: $(STAMP)
 		--out $(REF) $(WFLAG)
 
 fid: $(STAMP)
-	$(PY) -m eval score $(RUN)/samples --ref $(REF) --run-dir $(RUN)/eval --name generation $(WFLAG)
+	$(PY) -m eval score $(RUN)/samples --ref $(REF) --report-dir $(RUN)/eval --name generation $(WFLAG)
 
 rfid: $(STAMP)
 	$(need_data)
 	$(PY) -m eval rfid --tokenizer $(TOK) --data $(DATA) --split $(SPLIT) \
-		--resolution $(RES) --run-dir $(RUN)/eval $(WFLAG)
+		--resolution $(RES) --report-dir $(RUN)/eval $(WFLAG)
 
 report: $(STAMP)
 	$(PY) report.py --run $(RUN)

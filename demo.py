@@ -90,7 +90,7 @@ def main() -> None:
     floor_images = run / "eval" / "real_train"
     write_reference_images(tok, floor_images, s["samples"], split="train")
     for name, images in (("generation", run / "samples"), ("floor", floor_images)):
-        score = ["-m", "eval", "score", str(images), "--ref-images", str(ref_images), "--run-dir", str(run / "eval"),
+        score = ["-m", "eval", "score", str(images), "--ref-images", str(ref_images), "--report-dir", str(run / "eval"),
                  "--name", name, "--batch-size", str(s["eval_batch"])]
         if have_fid:
             ref = run / "eval" / "ref_val.npz"

@@ -136,8 +136,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--choice-temperature", type=float, default=None, help="tau_0 of the confidence noise (4.5)")
     g.add_argument("--temperature", type=float, default=None, help="token sampling temperature (1.0)")
     g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=None,
+    g.add_argument("--cfg", dest="cfg_scale", type=float, default=None,
                    help="guidance weight w: logits = cond + w (cond - uncond); needs --attrs")
+    g.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None, help=argparse.SUPPRESS)  # old name of --cfg
     g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES))
     g.add_argument("--attrs", default=None, help="conditioning of an attribute model, e.g. smiling=1,glasses=0")
 
