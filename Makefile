@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.installed
 DATA       ?=
 # pipeline directory: tokenizer/, codes/, maskgit/, samples/, eval/
 RUN        ?= runs/celeba
-# train_tokenizer.py preset (tiny, small, celeba64)
+# train_tokenizer.py preset (smoke, demo, tiny, small, celeba64; tokenizer/train_config.py)
 TOK_PRESET ?= celeba64
-# train_maskgit.py preset (tiny, celeba64)
+# train_maskgit.py preset (smoke, demo, tiny, celeba64; transformer/config.py)
 MG_PRESET  ?= celeba64
 # extra key=value overrides for the tokenizer, e.g. optim.steps=50000
 TOK_ARGS   ?=

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core.config import require
+from core.config import apply_overrides, require
 from data import DataConfig
 from tokenizer.config import TokenizerConfig
 from tokenizer.config import preset as tokenizer_preset
@@ -39,13 +39,21 @@ def tie_resolution(overrides: list[str]) -> list[str]:
 
 # Every preset weights the VQ loss by 5, as the paper (Huh et al. 2023) does; LossConfig's default is
 # VQGAN's 1. With alternating optimization (the presets' default) that term reaches only the affine map.
+# tiny: CPU minutes on the built-in procedural faces; demo and smoke are tiny with a few overrides.
+TINY = TrainTokenizerConfig(
+    model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0),
+    data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
+    optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
+    log=LogConfig(log_every=25, image_every=200, ckpt_every=200))
+DEMO = ["optim.steps=1000"]  # overrides of TINY
+SMOKE = ["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
+
 PRESETS = {
-    # CPU minutes on the built-in procedural faces (tests, `make demo`).
-    "tiny": TrainTokenizerConfig(
-        model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0),
-        data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
-        optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
+    "tiny": TINY,
+    # `make demo` (demo.py): tiny for 1,000 steps.
+    "demo": apply_overrides(TINY, DEMO),
+    # seconds: `demo.py --scale smoke`, the check that every stage runs (3 steps, 64 images).
+    "smoke": apply_overrides(TINY, SMOKE),
     # CPU minutes on real faces at 64x64 (checks on the CelebA copy, bench/ablation.py).
     "small": TrainTokenizerConfig(
         model=tokenizer_preset("small"), loss=LossConfig(vq_weight=5.0),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from core.config import require
+from core.config import apply_overrides, require
 from training.config import LogConfig, OptimConfig
 from transformer.model import PRESETS as MODEL_PRESETS
 from transformer.model import MaskGITConfig
@@ -37,12 +37,21 @@ class TrainMaskGITConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+# tiny: CPU minutes on the codes of the tiny tokenizer; demo and smoke are tiny with a few overrides.
+TINY = TrainMaskGITConfig(
+    model=dataclasses.replace(MODEL_PRESETS["tiny"]),
+    optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
+                      warmup_steps=50, ema_decay=0.99),
+    log=LogConfig(log_every=25, image_every=200, ckpt_every=200, val_batches=20))
+DEMO = ["optim.steps=1200"]  # overrides of TINY
+SMOKE = ["optim.steps=3", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"]
+
 PRESETS = {
-    "tiny": TrainMaskGITConfig(
-        model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
-        optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
-                          warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200, val_batches=20)),
+    "tiny": TINY,
+    # `make demo` (demo.py): tiny for 1,200 steps.
+    "demo": apply_overrides(TINY, DEMO),
+    # seconds: `demo.py --scale smoke`, the check that every stage runs (3 steps, a 1-block model).
+    "smoke": apply_overrides(TINY, SMOKE),
     # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
     "celeba64": TrainMaskGITConfig(
         model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
