@@ -17,7 +17,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from core.checkpoint import file_sha256
-from core.config import from_dict, to_dict
+from core.config import to_dict
 from core.errors import main_guard
 from core.files import write_json
 from data.codes import CodeDataset, check_matches_tokenizer
@@ -39,7 +39,7 @@ from training.run import (
     resolve_config,
 )
 from training.sampler import step_loader
-from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
+from transformer import MaskGIT, mask_tokens, masked_ce_loss
 from transformer.config import PRESETS, TrainMaskGITConfig
 from transformer.pipeline import decode_settings, generate
 
@@ -93,12 +93,7 @@ def main() -> None:
     cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
                          source=str(run_dir / "checkpoint.pt"),
                          fixed=("model.num_codes", "model.grid", "model.num_attrs"))
-    cfg.model.num_codes, cfg.model.grid = header.num_codes, tuple(header.grid)
-    if cfg.masking.condition == "attrs":
-        if not header.attr_names:
-            raise RunError(f"masking.condition=attrs, but the code file {args.codes} has no attributes")
-        cfg.model.num_attrs = len(header.attr_names)
-    cfg.model = from_dict(MaskGITConfig, to_dict(cfg.model))  # re-validate after the changes
+    cfg.fit_codes(header, args.codes)
     meta = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha, "tokenizer_weights": tok_weights,
             "codes": str(args.codes), "attr_names": header.attr_names}
 

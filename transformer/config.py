@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from core.config import apply_overrides, require
+from core.config import apply_overrides, from_dict, require, to_dict
+from data.codes import CodeHeader
 from training.config import LogConfig, OptimConfig
 from transformer.model import PRESETS as MODEL_PRESETS
 from transformer.model import MaskGITConfig
@@ -35,6 +36,15 @@ class TrainMaskGITConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def fit_codes(self, header: CodeHeader, codes: str) -> None:
+        """Set what comes from the code files (directory ``codes``), not from a preset: the codebook size, the
+        grid and, for masking.condition=attrs, the number of attributes; then check the model config again."""
+        self.model.num_codes, self.model.grid = header.num_codes, tuple(header.grid)
+        if self.masking.condition == "attrs":
+            require(bool(header.attr_names), f"masking.condition=attrs, but the code file {codes} has no attributes")
+            self.model.num_attrs = len(header.attr_names)
+        self.model = from_dict(MaskGITConfig, to_dict(self.model))
 
 
 # tiny: CPU minutes on the codes of the tiny tokenizer; demo and smoke are tiny with a few overrides.
