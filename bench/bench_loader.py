@@ -39,8 +39,9 @@ from common import DEFAULT_DATA, resolve_image_folder, write_result  # noqa: E40
 from torch.utils.data import DataLoader  # noqa: E402
 
 from data import DataConfig, build_dataset, seed_worker  # noqa: E402
-from tokenizer import VQModel, preset  # noqa: E402
-from tokenizer.losses import LossConfig, TokenizerLoss  # noqa: E402
+from tokenizer import VQModel  # noqa: E402
+from tokenizer.losses import TokenizerLoss  # noqa: E402
+from tokenizer.train_config import PRESETS as TOKENIZER_PRESETS  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.sampler import StepSampler  # noqa: E402
 
@@ -54,12 +55,14 @@ def build_loader(dataset, batch_size: int, workers: int, seed: int = 0) -> DataL
 
 
 class Trainer:
-    """One tokenizer training step as in train_tokenizer.py, without Accelerate."""
+    """One tokenizer training step as in train_tokenizer.py (the model and loss of its preset ``preset_name``),
+    without Accelerate or the LR schedule."""
 
     def __init__(self, preset_name: str, device: torch.device, lr: float = 1e-3, grad_clip: float = 1.0) -> None:
         torch.manual_seed(0)
-        self.model = VQModel(preset(preset_name)).to(device).train()
-        self.loss_fn = TokenizerLoss(LossConfig()).to(device)
+        cfg = TOKENIZER_PRESETS[preset_name]
+        self.model = VQModel(cfg.model).to(device).train()
+        self.loss_fn = TokenizerLoss(cfg.loss).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.99))
         self.ema = EMA(self.model, 0.99)
         self.device, self.grad_clip, self.step_count = device, grad_clip, 0
@@ -73,7 +76,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        info["perplexity"].item()  # the per-step log sync train_tokenizer.py does
+        bool(torch.isfinite(loss))  # one host read per step, as train_tokenizer.py's non-finite guard makes
         self.step_count += 1
 
 

@@ -55,18 +55,21 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 
 class MaskGITTrainer:
-    """One MaskGIT training step as in train_maskgit.py (the model of its preset ``preset_name``), without
-    Accelerate, EMA or the LR schedule."""
+    """One MaskGIT training step as in train_maskgit.py (the model, masking and AdamW settings of its preset
+    ``preset_name``), without Accelerate, EMA, the LR schedule or the no-decay parameter group."""
 
     def __init__(self, preset_name: str, num_codes: int, grid: tuple[int, int], device: torch.device) -> None:
         torch.manual_seed(0)
-        cfg = dataclasses.replace(MASKGIT_TRAIN_PRESETS[preset_name].model, num_codes=num_codes, grid=tuple(grid))
+        run = MASKGIT_TRAIN_PRESETS[preset_name]
+        cfg = dataclasses.replace(run.model, num_codes=num_codes, grid=tuple(grid))
         self.model = MaskGIT(cfg).to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045)
+        self.masking = run.masking
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=run.optim.lr, betas=tuple(run.optim.betas),
+                                     weight_decay=run.optim.weight_decay)
 
     def step(self, tokens: torch.Tensor) -> None:
-        inputs, mask = mask_tokens(tokens, self.model.mask_id)
-        loss, _ = masked_ce_loss(self.model(inputs), tokens, mask)
+        inputs, mask = mask_tokens(tokens, self.model.mask_id, self.masking.schedule)
+        loss, _ = masked_ce_loss(self.model(inputs).float(), tokens, mask, self.masking.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
