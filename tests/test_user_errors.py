@@ -202,3 +202,17 @@ def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, en
         load_tokenizer(path)
     code, err = entry("train_tokenizer", "--run-dir", str(path.parent), "--resume")
     assert code == 2 and "another version of the project" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resolution_is_one_setting():
+    """data.resolution and model.resolution: an override of either sets both, two different values are refused."""
+    from core.config import ConfigError, apply_overrides
+    from tokenizer.train_config import PRESETS, tie_resolution
+
+    for key in ("data.resolution", "model.resolution"):
+        cfg = apply_overrides(PRESETS["tiny"], tie_resolution([f"{key}=64"]))
+        assert cfg.data.resolution == cfg.model.resolution == 64
+    with pytest.raises(ConfigError, match="one setting"):
+        tie_resolution(["data.resolution=64", "model.resolution=32"])
+    with pytest.raises(ConfigError, match="must equal"):
+        apply_overrides(PRESETS["tiny"], ["data.resolution=64"])  # untied: the schema refuses the mismatch
