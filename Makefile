@@ -10,9 +10,9 @@ STAMP  := $(VENV)/.installed
 DATA       ?=
 # pipeline directory: tokenizer/, codes/, maskgit/, samples/, eval/
 RUN        ?= runs/celeba
-# train_tokenizer.py preset (tiny, small, celeba64)
+# train_tokenizer.py preset (smoke, demo, tiny, small, celeba64; tokenizer/train_config.py)
 TOK_PRESET ?= celeba64
-# train_maskgit.py preset (tiny, celeba64)
+# train_maskgit.py preset (smoke, demo, tiny, celeba64; transformer/config.py)
 MG_PRESET  ?= celeba64
 # extra key=value overrides for the tokenizer, e.g. optim.steps=50000
 TOK_ARGS   ?=
@@ -104,12 +104,12 @@ fid-ref: $(STAMP)
 		--out $(REF) $(WFLAG)
 
 fid: $(STAMP)
-	$(PY) -m eval score $(RUN)/samples --ref $(REF) --run-dir $(RUN)/eval --name generation $(WFLAG)
+	$(PY) -m eval score $(RUN)/samples --ref $(REF) --report-dir $(RUN)/eval --name generation $(WFLAG)
 
 rfid: $(STAMP)
 	$(need_data)
 	$(PY) -m eval rfid --tokenizer $(TOK) --data $(DATA) --split $(SPLIT) \
-		--resolution $(RES) --run-dir $(RUN)/eval $(WFLAG)
+		--resolution $(RES) --report-dir $(RUN)/eval $(WFLAG)
 
 report: $(STAMP)
 	$(PY) report.py --run $(RUN)

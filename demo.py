@@ -18,12 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 
-# Steps and sizes per scale. "demo" takes about 8 minutes on 2 idle CPU cores (8.1 min measured).
+# Sizes per scale; each scale is also the name of both training scripts' preset (tokenizer/train_config.py,
+# transformer/config.py). "demo" takes about 8 minutes on 2 idle CPU cores (8.1 min measured).
 SCALES = {
-    "demo": dict(tok=["optim.steps=1000"], mg=["optim.steps=1200"], samples=1000, ref_images=400, eval_batch=100),
-    "smoke": dict(tok=["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"],
-                  mg=["optim.steps=3", "optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"],
-                  samples=16, ref_images=16, eval_batch=16),
+    "demo": dict(samples=1000, ref_images=400, eval_batch=100),
+    "smoke": dict(samples=16, ref_images=16, eval_batch=16),
 }
 
 
@@ -73,10 +72,10 @@ def main() -> None:
     s, run = SCALES[args.scale], Path(args.run).resolve()
     tok, codes, mg = run / "tokenizer", run / "codes", run / "maskgit"
     t0 = time.time()
-    stage("tokenizer", ["train_tokenizer.py", "--preset", "tiny", "--run-dir", str(tok), "--resume", *s["tok"]])
+    stage("tokenizer", ["train_tokenizer.py", "--preset", args.scale, "--run-dir", str(tok), "--resume"])
     stage("pretokenize", ["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)])
-    stage("maskgit", ["train_maskgit.py", "--preset", "tiny", "--run-dir", str(mg), "--resume", "--codes", str(codes),
-                      "--tokenizer", str(tok / "checkpoint.pt"), *s["mg"]])
+    stage("maskgit", ["train_maskgit.py", "--preset", args.scale, "--run-dir", str(mg), "--resume", "--codes", str(codes),
+                      "--tokenizer", str(tok / "checkpoint.pt")])
     stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
                      "--grid", str(run / "samples_grid.png"), "--grid-size", "64", "--num-images", str(s["samples"]),
                      "--out-dir", str(run / "samples"), "--overwrite"])
@@ -90,7 +89,7 @@ def main() -> None:
     floor_images = run / "eval" / "real_train"
     write_reference_images(tok, floor_images, s["samples"], split="train")
     for name, images in (("generation", run / "samples"), ("floor", floor_images)):
-        score = ["-m", "eval", "score", str(images), "--ref-images", str(ref_images), "--run-dir", str(run / "eval"),
+        score = ["-m", "eval", "score", str(images), "--ref-images", str(ref_images), "--report-dir", str(run / "eval"),
                  "--name", name, "--batch-size", str(s["eval_batch"])]
         if have_fid:
             ref = run / "eval" / "ref_val.npz"

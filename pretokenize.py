@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from core.checkpoint import checkpoint_path, file_sha256, load_checkpoint
-from core.config import apply_overrides, from_dict, to_dict
+from core.config import apply_overrides, stored_config, to_dict
 from core.errors import main_guard
 from core.processes import gather_on_main, process_state, shard_batches
-from data import DataConfig, build_dataset
+from data import build_dataset
 from data.codes import CodeFileError, CodeHeader, code_dtype, write_code_dir
 from tokenizer import load_tokenizer
+from tokenizer.train_config import TrainTokenizerConfig
 from training.run import prepare_run_dir
 
 
@@ -83,12 +84,13 @@ def main() -> None:
     # everything is checked before the encoder runs (by every process, on the same inputs)
     ckpt = load_checkpoint(args.tokenizer, kind="tokenizer")
     tok_path, tok_sha = checkpoint_path(args.tokenizer), file_sha256(args.tokenizer)
-    if ckpt["config"]["model"]["vq"]["kind"] in ("group", "residual"):
+    stored = stored_config(TrainTokenizerConfig, ckpt["config"], str(tok_path))  # the run's config, typed
+    if stored.model.vq.kind in ("group", "residual"):
         raise CodeFileError("pretokenize: MaskGIT needs one token per position; this tokenizer uses a "
-                            f"{ckpt['config']['model']['vq']['kind']} quantizer")
+                            f"{stored.model.vq.kind} quantizer")
     if any(not o.startswith("data.") for o in args.overrides):
         raise CodeFileError(f"pretokenize only takes data.* overrides, got {args.overrides}")
-    data_cfg = apply_overrides(from_dict(DataConfig, ckpt["config"]["data"]), [o[len("data."):] for o in args.overrides])
+    data_cfg = apply_overrides(stored.data, [o[len("data."):] for o in args.overrides])
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not splits or len(set(splits)) != len(splits):
         raise CodeFileError(f"--splits: expected distinct comma-separated split names, got {args.splits!r}")

@@ -3,7 +3,7 @@
     python sample.py --tokenizer runs/tok/checkpoint.pt --maskgit runs/mg/checkpoint.pt --grid samples.png
     python sample.py ... --num-images 10000 --out-dir runs/samples          # individual PNGs, e.g. for FID
     python sample.py ... --attrs smiling=1,glasses=0 --cfg 2.0              # conditional model + guidance
-    python sample.py ... --inpaint face.png --box 8,8,24,24                 # regenerate the box, keep the rest
+    python sample.py ... --inpaint face.png --box 8,8,24,24                 # regenerate the box, keep the rest exactly
     python sample.py ... --inpaint face.png --box 8,8,24,24 --outpaint      # keep the box, regenerate around it
     accelerate launch --num_processes 8 sample.py ... --num-images 50000 --out-dir runs/samples  # 8 GPUs
 
@@ -86,12 +86,12 @@ def main() -> None:
     tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=not args.raw_weights, device=device)
     settings = settings_from_args(args, meta)
     attrs = parse_attrs(args.attrs, meta, model)
-    init = init_mask = None
-    if args.inpaint:
-        image = to_float(preprocess_uint8(load_rgb(args.inpaint), tokenizer.cfg.resolution, None))[None].to(device)
-        init = tokenizer.encode(image)[1].view(1, -1)
+    init = init_mask = keep = None
+    if args.inpaint:  # the studio's edit: the same tokens regenerated, the same pixels kept
+        keep = preprocess_uint8(load_rgb(args.inpaint), tokenizer.cfg.resolution, None)  # (3, R, R) uint8
+        init = tokenizer.encode(to_float(keep)[None].to(device))[1].view(1, -1)
         init_mask = token_mask(tokenizer, args.box, args.mask, args.outpaint).view(1, -1)
-    kwargs = dict(attrs=attrs, init=init, init_mask=init_mask, **settings)
+    kwargs = dict(attrs=attrs, init=init, init_mask=init_mask, keep=keep, **settings)
     record = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": weights_sha256(args.tokenizer),
               "maskgit": str(args.maskgit), "maskgit_sha256": weights_sha256(args.maskgit),
               "maskgit_weights": "raw" if args.raw_weights else "ema", "attrs": args.attrs,

@@ -10,9 +10,6 @@ names the tokenizer and its sha256), samples_*.png and train_metrics.json.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -20,13 +17,12 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from core.checkpoint import file_sha256
-from core.config import from_dict, require, to_dict
+from core.config import to_dict
 from core.errors import main_guard
 from core.files import write_json
 from data.codes import CodeDataset, check_matches_tokenizer
 from tokenizer import load_tokenizer
 from training import tracking
-from training.config import LogConfig, OptimConfig
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine
 from training.run import (
@@ -43,47 +39,9 @@ from training.run import (
     resolve_config,
 )
 from training.sampler import step_loader
-from transformer import MaskGIT, MaskGITConfig, mask_tokens, masked_ce_loss
-from transformer.model import PRESETS as MODEL_PRESETS
+from transformer import MaskGIT, mask_tokens, masked_ce_loss
+from transformer.config import PRESETS, TrainMaskGITConfig
 from transformer.pipeline import decode_settings, generate
-from transformer.schedule import SCHEDULES
-
-
-@dataclass
-class MaskingConfig:
-    schedule: str = "cosine"  # mask schedule gamma, shared with decoding
-    label_smoothing: float = 0.1
-    condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
-    sample_steps: int = 8  # decoding steps T for the periodic sample grids
-
-    def __post_init__(self) -> None:  # types are checked by core.config.from_dict
-        require(self.schedule in SCHEDULES, f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        require(0 <= self.label_smoothing < 1, f"masking.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        require(self.condition in ("none", "attrs"), f"masking.condition must be 'none' or 'attrs', got {self.condition!r}")
-        require(self.sample_steps >= 1, f"masking.sample_steps must be >= 1, got {self.sample_steps}")
-
-
-@dataclass
-class TrainMaskGITConfig:
-    model: MaskGITConfig = field(default_factory=MaskGITConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-
-PRESETS = {
-    "tiny": TrainMaskGITConfig(
-        model=dataclasses.replace(MODEL_PRESETS["tiny"], dropout=0.1, attn_dropout=0.0),
-        optim=OptimConfig(steps=800, batch_size=64, lr=1e-3, betas=(0.9, 0.96), weight_decay=0.045,
-                          warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
-    # MaskGIT's recipe (Chang et al. 2022): AdamW betas (0.9, 0.96), weight decay 0.045, lr 1e-4.
-    "celeba64": TrainMaskGITConfig(
-        model=dataclasses.replace(MODEL_PRESETS["celeba64"]),
-        optim=OptimConfig(steps=200_000, batch_size=128, lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045,
-                          warmup_steps=5000, ema_decay=0.9999, mixed_precision="bf16"),
-        log=LogConfig(log_every=100, image_every=5000, ckpt_every=5000)),
-}
 
 
 def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device: torch.device) -> dict | None:
@@ -91,15 +49,15 @@ def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device
 
 
 @torch.no_grad()
-def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfig, device: torch.device,
-                    max_batches: int = 20) -> dict[str, float]:
-    """Validation loss and masked-token accuracy at mask ratios r = 0.25, 0.5, 0.75 (fixed generator)."""
+def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfig, device: torch.device) -> dict[str, float]:
+    """Validation loss and masked-token accuracy at mask ratios r = 0.25, 0.5, 0.75 (fixed generator), over
+    the first log.val_batches batches (0: the whole split)."""
     gen = torch.Generator(device=device).manual_seed(0)
     loader = DataLoader(dataset, batch_size=cfg.optim.batch_size, shuffle=False)
     totals = {"loss": 0.0, "accuracy": 0.0}
     n = 0
     for i, batch in enumerate(loader):
-        if i >= max_batches:
+        if cfg.log.val_batches and i >= cfg.log.val_batches:
             break
         tokens = batch["tokens"].to(device)
         for r in (0.25, 0.5, 0.75):
@@ -135,12 +93,7 @@ def main() -> None:
     cfg = resolve_config(TrainMaskGITConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
                          source=str(run_dir / "checkpoint.pt"),
                          fixed=("model.num_codes", "model.grid", "model.num_attrs"))
-    cfg.model.num_codes, cfg.model.grid = header.num_codes, tuple(header.grid)
-    if cfg.masking.condition == "attrs":
-        if not header.attr_names:
-            raise RunError(f"masking.condition=attrs, but the code file {args.codes} has no attributes")
-        cfg.model.num_attrs = len(header.attr_names)
-    cfg.model = from_dict(MaskGITConfig, to_dict(cfg.model))  # re-validate after the changes
+    cfg.fit_codes(header, args.codes)
     meta = {"tokenizer": str(args.tokenizer), "tokenizer_sha256": tok_sha, "tokenizer_weights": tok_weights,
             "codes": str(args.codes), "attr_names": header.attr_names}
 
@@ -157,6 +110,10 @@ def main() -> None:
     state = TrainState(model, EMA(model, o.ema_decay), opt)
     if ckpt is not None:
         state.restore(ckpt)
+    # Four handles on one network: ``model`` is what Accelerate prepared (DDP on several processes: call it for
+    # the forward, so gradients are all-reduced); ``raw`` is the module itself (its attributes, EMA updates);
+    # ``state.model`` is the same object as ``raw`` (what the checkpoint saves); ``ema.model`` is a separate
+    # averaged copy that draws the sample grids and is scored at the end.
     model, opt = accelerator.prepare(model, opt)
     ema = state.ema
     ema.model.to(accelerator.device)
@@ -185,6 +142,12 @@ def main() -> None:
         step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
+        # grad_accum micro-batches make one step. Under accumulate(), opt.step() and zero_grad() act only on the
+        # last micro-batch (Accelerate skips them, and DDP's all-reduce, on the others), so calling them every
+        # time is right. A non-finite loss is judged by all processes together (NonFiniteGuard: one all-reduce),
+        # so every rank skips the same backward (``continue``) and none waits in a collective the others skip.
+        # A skipped micro-batch adds no gradient; when it is the last one, zero_grad drops the step's gradients
+        # and opt.step() is never called: the whole step is skipped.
         for _ in range(o.grad_accum):
             batch = next(batches)
             tokens = batch["tokens"].to(accelerator.device)
@@ -202,8 +165,8 @@ def main() -> None:
                     accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            window.add({"loss": loss, "masked_accuracy": acc},  # summed on the device: no sync per step
-                       items=tokens.shape[0] * accelerator.num_processes)
+            window.add({"loss": loss, "masked_accuracy": acc},  # summed on the device, read once per log line
+                       items=tokens.shape[0] * accelerator.num_processes)  # (the guard above still reads every step)
         ema.update(raw)
         state.step = step = step + 1
         bar.update(1)

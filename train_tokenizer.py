@@ -11,7 +11,6 @@ reconstructions, from a fixed validation batch), codebook_usage.png and val_metr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import set_seed
@@ -22,15 +21,14 @@ from tqdm import tqdm
 from core.config import to_dict
 from core.errors import main_guard
 from core.files import write_json
-from data import DataConfig, build_dataset, seed_worker
-from tokenizer import TokenizerConfig, VQModel
-from tokenizer import preset as tokenizer_preset
-from tokenizer.kmeans import code_histogram, perplexity
-from tokenizer.losses import LossConfig, TokenizerLoss
+from data import build_dataset, seed_worker
+from tokenizer import VQModel
+from tokenizer.losses import TokenizerLoss
 from tokenizer.quantizer import NonFiniteInputError
 from tokenizer.quantizer import kmeans_pending as raw_kmeans_pending
+from tokenizer.train_config import PRESETS, TrainTokenizerConfig, tie_resolution
+from tokenizer.usage import code_histogram, perplexity
 from training import tracking
-from training.config import LogConfig, OptimConfig
 from training.ema import EMA
 from training.lr_schedule import warmup_cosine
 from training.plots import plot_usage
@@ -38,7 +36,6 @@ from training.run import (
     JsonlLog,
     MetricWindow,
     NonFiniteGuard,
-    RunError,
     StopSignal,
     TrainState,
     base_parser,
@@ -48,39 +45,6 @@ from training.run import (
     resolve_config,
 )
 from training.sampler import step_loader
-
-
-@dataclass
-class TrainTokenizerConfig:
-    model: TokenizerConfig = field(default_factory=TokenizerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-
-# Every preset weights the VQ loss by 5, as the paper (Huh et al. 2023) does; LossConfig's default is
-# VQGAN's 1. With alternating optimization (the presets' default) that term reaches only the affine map.
-PRESETS = {
-    # CPU minutes on the built-in procedural faces (tests, `make demo`).
-    "tiny": TrainTokenizerConfig(
-        model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0),
-        data=DataConfig(resolution=32, num_images=4000, cache=True, num_workers=0),
-        optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
-    # CPU minutes on real faces at 64x64 (checks on the CelebA copy, bench/ablation.py).
-    "small": TrainTokenizerConfig(
-        model=tokenizer_preset("small"), loss=LossConfig(vq_weight=5.0),
-        data=DataConfig(resolution=64, cache=True, num_workers=0),
-        optim=OptimConfig(steps=800, batch_size=32, lr=1e-3, warmup_steps=50, ema_decay=0.99),
-        log=LogConfig(log_every=25, image_every=200, ckpt_every=200)),
-    # One modern GPU, CelebA 64x64, 16x16 tokens.
-    "celeba64": TrainTokenizerConfig(
-        model=tokenizer_preset("celeba64"), loss=LossConfig(vq_weight=5.0), data=DataConfig(resolution=64, num_workers=8),
-        optim=OptimConfig(steps=100_000, batch_size=64, lr=2e-4, betas=(0.5, 0.9), warmup_steps=1000,
-                          mixed_precision="bf16"),
-        log=LogConfig(log_every=100, image_every=2500, ckpt_every=2500)),
-}
 
 
 @torch.no_grad()
@@ -104,12 +68,10 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
 
 
 def main() -> None:
-    args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS)
+    args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS, tie=tie_resolution)
     run_dir, ckpt = open_run(args, "tokenizer")
     cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
                          source=str(run_dir / "checkpoint.pt"))
-    if cfg.data.resolution != cfg.model.resolution:
-        raise RunError(f"data.resolution ({cfg.data.resolution}) must equal model.resolution ({cfg.model.resolution})")
     o = cfg.optim
     accelerator = make_accelerator(o.mixed_precision, o.grad_accum, **tracking.accelerator_kwargs(cfg.log.tracker, run_dir))
     set_seed(o.seed, device_specific=False)  # identical init on every rank: the codebook must agree
@@ -198,7 +160,7 @@ def main() -> None:
             window_counts += code_histogram(info["q"], raw.num_codes)
             window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"],
                         "quant_error": info["quant_error"]},
-                       items=x.shape[0] * accelerator.num_processes)  # summed on the device: no sync per step
+                       items=x.shape[0] * accelerator.num_processes)  # summed on the device, read once per log line
         if skipped:
             accelerator.print(f"step {step}: non-finite loss, step skipped ({guard.skipped} so far)")
         if kmeans_pending and not raw_kmeans_pending(raw):

@@ -37,17 +37,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, Path(__file__).resolve().parent):  # the repo's packages; bench_loader next to us
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
+from common import DEFAULT_DATA, ROOT, resolve_image_folder  # noqa: E402
 
 from data import DataConfig, build_dataset, to_uint8  # noqa: E402
 from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402

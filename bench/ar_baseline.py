@@ -12,20 +12,14 @@ MaskGIT. Sampling uses MaskGIT's own rule (Gumbel-max with temperature and top-k
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import common  # noqa: F401  (this checkout's packages on sys.path)
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
 
-for _path in (Path(__file__).resolve().parents[1],):  # the repository, when run from bench/
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from einops import rearrange  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from transformer.decoding import _sample  # noqa: E402  (the sampling rule MaskGIT decoding uses)
-from transformer.model import Attention, Block, MaskGIT, MaskGITConfig  # noqa: E402
+from transformer.decoding import _sample  # the sampling rule MaskGIT decoding uses
+from transformer.model import Attention, Block, MaskGIT, MaskGITConfig
 
 Cache = list[tuple[Tensor, Tensor]]  # per block: keys and values (B, H, N, Dh), filled up to the current position
 

@@ -25,15 +25,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from functools import partial
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parent, HERE):  # the repo's packages; bench_vq next to us
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 import bench_vq  # noqa: E402
 

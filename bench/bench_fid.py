@@ -31,13 +31,10 @@ import time
 import warnings
 from pathlib import Path
 
-for _path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):  # repo; bench_loader
-    sys.path.insert(0, str(_path))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch_fidelity  # noqa: E402
-from bench_loader import DEFAULT_DATA, resolve_image_folder, write_json  # noqa: E402
+from common import DEFAULT_DATA, resolve_image_folder, write_result  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch_fidelity.metric_fid import fid_statistics_to_metric  # noqa: E402
 
@@ -143,7 +140,7 @@ def main() -> None:
         print(f"{name:52s} {row['images']:7d} {row['seconds']:9.1f} {row['images_per_s']:8.2f}")
     print(f"Frechet distance, 2048-d: ours {ours_fid_s:.2f} s, torch-fidelity {tf_fid_s:.2f} s; "
           f"device {args.device}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}")
-    write_json(args.out, result)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from bench_loader import write_json  # noqa: E402
+from common import write_result  # noqa: E402
 
 from tokenizer.kmeans import GROWTH, kmeans_pp, lloyd_step, nearest_code  # noqa: E402
 
@@ -111,7 +107,7 @@ def main() -> None:
             errors = ["-" if r[e] is None else f"{r[e]:.4f}" for e in ("error_seeded", "error_lloyd")]
             print(f"| {k:,} | {x.shape[0]:,} | {m.replace('_', ' ')} | {t} | {' | '.join(errors)} "
                   f"| {f'{ratio:.0f}x' if m == 'batched' else ''} |", flush=True)
-    write_json(a.out, {"rows": rows, "setup": {
+    write_result(a.out, {"rows": rows, "setup": {
         "points_per_code": a.points_per_code, "dim": a.dim, "spread": a.spread, "iters": a.iters, "cap_s": a.cap_s,
         "growth": GROWTH, "seed": a.seed, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg(), "torch": torch.__version__, "platform": platform.platform()}})

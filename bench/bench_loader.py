@@ -28,83 +28,22 @@ tarball(s) (e.g. the 89x109 half-size copy ``celeba_align_89x109``), which are e
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
-import tarfile
 import time
 from itertools import islice
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/bench_loader.py` from the repo root
-    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from common import DEFAULT_DATA, resolve_image_folder, write_result  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from data import DataConfig, build_dataset, find_images, seed_worker  # noqa: E402
-from tokenizer import VQModel, preset  # noqa: E402
-from tokenizer.losses import LossConfig, TokenizerLoss  # noqa: E402
+from data import DataConfig, build_dataset, seed_worker  # noqa: E402
+from tokenizer import VQModel  # noqa: E402
+from tokenizer.losses import TokenizerLoss  # noqa: E402
+from tokenizer.train_config import PRESETS as TOKENIZER_PRESETS  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.sampler import StepSampler  # noqa: E402
-
-DEFAULT_DATA = os.environ.get("BENCH_DATA", "")  # the benchmarks' image folder: --data, else $BENCH_DATA
-TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-
-
-def resolve_image_folder(path: str, cache_root: str | Path = "runs/cache") -> Path:
-    """A folder of images for ``path``: the folder itself, or its tarball(s) extracted once under cache_root.
-
-    ``path`` may be an image folder, a tarball, or a folder of tarballs (the shared data's layout).
-    Relative paths are tried from the current directory, then from the repository root.
-    """
-    if not path:
-        raise SystemExit("data: give --data (an image folder or a folder of CelebA tarballs) or set $BENCH_DATA")
-    p = Path(path)
-    if not p.exists() and not p.is_absolute() and (ROOT / p).exists():
-        p = ROOT / p
-    if not p.exists():
-        raise SystemExit(f"data: {path} does not exist (give an image folder, or a folder of CelebA tarballs)")
-    if p.is_file():
-        tarballs = [p] if p.name.endswith(TARBALL_SUFFIXES) else []
-    else:
-        tarballs = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(TARBALL_SUFFIXES))
-        if not tarballs:
-            return p  # an image folder; build_dataset checks it and names what is wrong
-    if not tarballs:
-        raise SystemExit(f"data: {p} is a file but not a tarball ({', '.join(TARBALL_SUFFIXES)})")
-    name = p.name if p.is_dir() else p.name.split(".")[0]
-    dest = Path(cache_root)
-    if not dest.is_absolute():
-        dest = ROOT / dest
-    dest = dest / name
-    stamp = dest / ".extracted"
-    wanted = "\n".join(f"{t.name} {t.stat().st_size}" for t in tarballs)
-    if stamp.exists() and stamp.read_text() == wanted:
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    for t in tarballs:
-        print(f"extracting {t} -> {dest}", file=sys.stderr, flush=True)
-        with tarfile.open(t) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")  # refuses absolute paths, links out of dest, devices
-            else:
-                tar.extractall(dest)
-    if not find_images(dest):
-        raise SystemExit(f"data: no images found in {dest} after extracting {', '.join(t.name for t in tarballs)}")
-    stamp.write_text(wanted)
-    return dest
-
-
-def write_json(path: str | Path, result: dict) -> None:
-    """Write a benchmark's result as indented JSON (creating the folder) and say where."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {path}")
 
 
 def build_loader(dataset, batch_size: int, workers: int, seed: int = 0) -> DataLoader:
@@ -116,12 +55,14 @@ def build_loader(dataset, batch_size: int, workers: int, seed: int = 0) -> DataL
 
 
 class Trainer:
-    """One tokenizer training step as in train_tokenizer.py, without Accelerate."""
+    """One tokenizer training step as in train_tokenizer.py (the model and loss of its preset ``preset_name``),
+    without Accelerate or the LR schedule."""
 
     def __init__(self, preset_name: str, device: torch.device, lr: float = 1e-3, grad_clip: float = 1.0) -> None:
         torch.manual_seed(0)
-        self.model = VQModel(preset(preset_name)).to(device).train()
-        self.loss_fn = TokenizerLoss(LossConfig()).to(device)
+        cfg = TOKENIZER_PRESETS[preset_name]
+        self.model = VQModel(cfg.model).to(device).train()
+        self.loss_fn = TokenizerLoss(cfg.loss).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.99))
         self.ema = EMA(self.model, 0.99)
         self.device, self.grad_clip, self.step_count = device, grad_clip, 0
@@ -136,7 +77,7 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        info["perplexity"].item()  # the per-step log sync train_tokenizer.py does
+        bool(torch.isfinite(loss))  # one host read per step, as train_tokenizer.py's non-finite guard makes
         self.step_count += 1
 
 
@@ -253,7 +194,7 @@ def main() -> None:
           f"loader vs in-memory batches, {a.rounds} rounds x {a.steps} timed steps; cache build {cache_build_s:.1f} s")
     print("\n".join(lines))
     print(f"total {elapsed:.0f} s")
-    write_json(a.out, {"meta": meta, "rows": rows, "table": lines})
+    write_result(a.out, {"meta": meta, "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT
+
 KINDS = {"vector": ["model.vq.kind=vector"], "group": ["model.vq.kind=group", "model.vq.groups=2"],
          "residual": ["model.vq.kind=residual", "model.vq.groups=2", "model.vq.cb_norm=none"],
          "fsq": ["model.vq.kind=fsq"], "lfq": ["model.vq.kind=lfq"], "simvq": ["model.vq.kind=simvq"]}

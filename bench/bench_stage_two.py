@@ -24,8 +24,8 @@ from contextlib import nullcontext
 
 import torch
 from ar_baseline import CausalTransformer, ar_decode
-from bench_loader import write_json
 from bench_train import MaskGITTrainer  # the MaskGIT training step, shared with bench_train.py
+from common import write_result
 
 from data import DataConfig, build_dataset
 from tokenizer import VQModel
@@ -179,7 +179,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for c, f in flops.items():
         print(f"| {c} | {f['encoder_forward_gflop']:.3f} | {f['maskgit_train_step_gflop']:.3f} | {f['expected_ratio']:.2f}x |")
-    write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
+    write_result(args.out, {"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
                           "results": results,
                           "flops": flops})
 

@@ -26,23 +26,18 @@ import argparse
 import dataclasses
 import platform
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
-
-for path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):  # the repo; bench_loader
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-from bench_loader import Trainer, write_json  # noqa: E402
+from bench_loader import Trainer  # noqa: E402
+from common import write_result  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tokenizer import preset as tokenizer_preset  # noqa: E402
-from train_maskgit import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
 from transformer import MaskGIT, mask_tokens, masked_ce_loss  # noqa: E402
+from transformer.config import PRESETS as MASKGIT_TRAIN_PRESETS  # noqa: E402
 
 # Dense tensor-core peaks in TFLOP/s from the vendor data sheets (SXM parts). "fp32" runs with TF32
 # matmuls/convolutions enabled (as below), so its peak is the TF32 one.
@@ -60,18 +55,21 @@ def peak_tflops(device: torch.device, precision: str, override: float | None) ->
 
 
 class MaskGITTrainer:
-    """One MaskGIT training step as in train_maskgit.py (the model of its preset ``preset_name``), without
-    Accelerate, EMA or the LR schedule."""
+    """One MaskGIT training step as in train_maskgit.py (the model, masking and AdamW settings of its preset
+    ``preset_name``), without Accelerate, EMA, the LR schedule or the no-decay parameter group."""
 
     def __init__(self, preset_name: str, num_codes: int, grid: tuple[int, int], device: torch.device) -> None:
         torch.manual_seed(0)
-        cfg = dataclasses.replace(MASKGIT_TRAIN_PRESETS[preset_name].model, num_codes=num_codes, grid=tuple(grid))
+        run = MASKGIT_TRAIN_PRESETS[preset_name]
+        cfg = dataclasses.replace(run.model, num_codes=num_codes, grid=tuple(grid))
         self.model = MaskGIT(cfg).to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045)
+        self.masking = run.masking
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=run.optim.lr, betas=tuple(run.optim.betas),
+                                     weight_decay=run.optim.weight_decay)
 
     def step(self, tokens: torch.Tensor) -> None:
-        inputs, mask = mask_tokens(tokens, self.model.mask_id)
-        loss, _ = masked_ce_loss(self.model(inputs), tokens, mask)
+        inputs, mask = mask_tokens(tokens, self.model.mask_id, self.masking.schedule)
+        loss, _ = masked_ce_loss(self.model(inputs).float(), tokens, mask, self.masking.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -171,7 +169,7 @@ def main() -> None:
             "maskgit": a.maskgit, "tokens_per_image": n_tokens, "steps": a.steps, "warmup": a.warmup,
             "torch": torch.__version__, "platform": platform.platform(),
             "flops": "torch.utils.flop_counter.FlopCounterMode, one training step (forward + backward)"}
-    write_json(a.out, {"meta": meta, "rows": rows, "table": lines})
+    write_result(a.out, {"meta": meta, "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python bench/bench_vq.py` from the repo root
-    sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 # The peer's closest equivalent of our plain VectorQuant (read from vector_quantize_pytorch 1.32.0):
 # learnable_codebook + ema_update=False: the codebook is an nn.Parameter trained by the loss, never by

@@ -36,13 +36,8 @@ import time
 import types
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for path in (ROOT, HERE):  # the repo's packages; bench_vq next to us
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from bench_vq import fmt  # noqa: E402
+from bench_vq import fmt
+from common import ROOT
 
 SIZES = [(16384, 64, 1024), (16384, 256, 1024), (65536, 64, 16384)]
 SEARCH = [(65536, 64, 65536)]

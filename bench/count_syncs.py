@@ -24,10 +24,7 @@ import traceback
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import ROOT
 
 HOST_ONLY = "host-resident tensors (no device sync on a GPU either)"
 READS = ("item", "__bool__", "tolist", "__int__", "__float__", "__index__", "numpy", "nonzero", "masked_select")

@@ -52,16 +52,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, Path(__file__).resolve().parent):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from bench_loader import DEFAULT_DATA, resolve_image_folder  # noqa: E402
+from common import DEFAULT_DATA, ROOT, resolve_image_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402

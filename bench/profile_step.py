@@ -135,8 +135,7 @@ def main() -> None:
     a = p.parse_args()
     if a.child:  # imports the project from --root only
         return child(a)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_loader import write_json
+    from common import write_result
     stages = list(STAGES) if a.stage == "both" else [a.stage]
     with tempfile.TemporaryDirectory(prefix="profile_step-") as tmp:
         if a.compare:
@@ -164,7 +163,7 @@ def main() -> None:
                 for e in r["top"]:
                     print(f"| `{e['op']}` | {e['self_cpu_ms_per_step']:.2f} | {100 * e['share']:.1f} % | "
                           f"{e['calls_per_step']:g} |")
-    write_json(a.out, result)
+    write_result(a.out, result)
 
 
 if __name__ == "__main__":

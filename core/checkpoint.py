@@ -17,7 +17,6 @@ to build arbitrary objects (the classic ``__reduce__`` exploit) is refused befor
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import random
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.files import sha256_file
 
 FORMAT = "straight-maskgit"
 VERSION = 2  # 2: the same layout for both stages (config = training config, meta = provenance)
@@ -105,11 +105,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
 def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:
     """First ``prefix`` hex digits of a file's sha256 (a run directory: its checkpoint.pt). Ties code
     files to their tokenizer and to their header."""
-    h = hashlib.sha256()
-    with open(checkpoint_path(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:prefix]
+    return sha256_file(checkpoint_path(path))[:prefix]
 
 
 def rng_state() -> dict[str, Any]:

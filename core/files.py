@@ -5,6 +5,7 @@ temp files a kill left behind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,3 +30,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temp file + rename)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: the one file hash of the project."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,5 +1,8 @@
-"""Work split over the processes of ``accelerate launch`` / torchrun, for the scripts that do not train
-(``sample.py``, ``pretokenize.py``): which batches each process takes, and gathering results on rank 0.
+"""Everything that spans the processes of ``accelerate launch`` / torchrun, in one module: the collectives
+the VQ layers use to keep replicas identical (``broadcast_``, ``all_reduce_``), the joint decisions of the
+training loops (``all_ranks_any``), and for the scripts that do not train (``sample.py``,
+``pretokenize.py``) which batches each process takes and gathering results on rank 0. All of them are
+no-ops with one process.
 
 The items (images to sample, images to encode) are cut into fixed batches of consecutive indices,
 [0, B), [B, 2B), ..., and process r takes batches r, r + P, r + 2P, ... of them. A batch therefore holds
@@ -12,6 +15,8 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 
 def multi_cpu() -> bool:
@@ -40,3 +45,36 @@ def gather_on_main(obj: Any, state: Any) -> list[Any] | None:
     out = [None] * state.num_processes if state.is_main_process else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """In-place broadcast from rank ``src`` when torch.distributed is initialised (no-op otherwise)."""
+    if distributed():
+        dist.broadcast(t, src)
+    return t
+
+
+def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
+    """In-place all-reduce (sum/mean/max) when torch.distributed is initialised (no-op otherwise)."""
+    if distributed():
+        if op == "max":
+            dist.all_reduce(t, dist.ReduceOp.MAX)
+        else:
+            dist.all_reduce(t, dist.ReduceOp.SUM)
+            if op == "mean":
+                t /= dist.get_world_size()
+    return t
+
+
+def all_ranks_any(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is True on any (one all-reduce; the flag itself with one process).
+    Per-rank decisions to skip a backward or to stop would leave the other ranks waiting in a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

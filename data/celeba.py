@@ -21,13 +21,13 @@ and no attributes.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from core.files import sha256_file
 from data.images import DataError, find_images
 from data.splits import describe_seeded, list_sha256, normalize_split, seeded_split
 
@@ -124,10 +124,6 @@ def read_attributes(path: Path, wanted: set[str]) -> tuple[list[str], dict[str, 
     return names, values
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _pick(split: str, train: list[int], val: list[int], test: list[int], n: int) -> list[int]:
     return {"train": train, "val": val, "test": test, "all": list(range(n))}[split]
 
@@ -167,7 +163,7 @@ def index_files(source: str | Path, split: str, val_fraction: float = 0.1, seed:
         description = {
             "method": "official_partition",
             "file": str(partition_file),
-            "file_sha256": _file_sha256(partition_file),
+            "file_sha256": sha256_file(partition_file),
             "counts": {**{s: len(v) for s, v in by_split.items()}, "all": len(on_disk)},
             "val_sha256": list_sha256([keys[i] for i in by_split["val"]]),
             "not_on_disk": missing,

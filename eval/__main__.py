@@ -8,7 +8,7 @@
 
 Weights: --weights PATH, else $FID_INCEPTION_WEIGHTS, else the torch hub cache; --allow-download to
 fetch them; --allow-unverified-weights to run with any other file (numbers are then labelled
-"FID(unverified-weights)", never FID). Each score/gen/rfid run writes <run-dir>/<name>.json and .md.
+"FID(unverified-weights)", never FID). Each score/gen/rfid run writes <report-dir>/<name>.json and .md.
 Errors in the inputs print one line ``error: ...`` and exit with status 2.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _add_data_flags(p: argparse.ArgumentParser, split: str = "val") -> None:
     g.add_argument("--crop", type=int, help="center crop in the 178-px frame (0: largest square)")
     g.add_argument("--val-fraction", type=float)
     g.add_argument("--split-seed", type=int)
-    g.add_argument("--num-images", type=int)
+    g.add_argument("--data-num-images", dest="num_images", type=int, help="data.num_images: the first N images only")
+    g.add_argument("--num-images", dest="num_images", type=int, help=argparse.SUPPRESS)  # old name of --data-num-images
     g.add_argument("--num-workers", type=int, default=2)
 
 
@@ -70,7 +71,8 @@ def _add_score_flags(p: argparse.ArgumentParser, default_name: str) -> None:
                    help="comma list of fid,kid,pr,swd (pr: precision and recall, k-NN in Inception features), "
                         "or 'auto' (FID; KID and precision/recall if the reference kept features; SWD if "
                         "reference images are available)")
-    g.add_argument("--run-dir", default="runs/eval", help="where <name>.json and <name>.md go")
+    g.add_argument("--report-dir", dest="report_dir", default="runs/eval", help="where <name>.json and <name>.md go")
+    g.add_argument("--run-dir", dest="report_dir", help=argparse.SUPPRESS)  # old name of --report-dir
     g.add_argument("--name", help=f"report name (default: {default_name})")
     g.add_argument("--kid-subsets", type=int, default=KID_DEFAULTS["subsets"])
     g.add_argument("--kid-subset-size", type=int, default=KID_DEFAULTS["subset_size"])
@@ -155,7 +157,7 @@ def _samples_record(folder: str, count: int) -> dict | None:
 
 
 def _finish(args, name: str, result) -> int:
-    json_path, md_path = write_report(args.run_dir, args.name or name, result)
+    json_path, md_path = write_report(args.report_dir, args.name or name, result)
     print(summary_line(result))
     print(f"report: {json_path} {md_path}")
     return 0
@@ -244,7 +246,7 @@ def cmd_rfid(args: argparse.Namespace) -> int:
     extractor = _extractor(args) if _needs_inception(args) else None
     from tokenizer import load_tokenizer
 
-    model, _tok_cfg = load_tokenizer(args.tokenizer, ema=not args.no_ema)
+    model, _tok_cfg = load_tokenizer(args.tokenizer, ema=not args.raw_weights)
     model = model.to(args.device).eval()
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +264,7 @@ def cmd_rfid(args: argparse.Namespace) -> int:
     result = score_reconstructions(batches, reconstruct, extractor, metrics=metrics, swd_config=_swd_config(args),
                                    kid_kwargs=_kid_kwargs(args), keep_features=args.keep_features,
                                    total=n, progress=True,
-                                   protocol={"checkpoints": {"tokenizer": args.tokenizer, "ema": not args.no_ema},
+                                   protocol={"checkpoints": {"tokenizer": args.tokenizer, "ema": not args.raw_weights},
                                              **data, "command": sys.argv})
     return _finish(args, f"rfid_{Path(args.tokenizer).stem}_{args.split}", result)
 
@@ -308,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rfid", help="reconstruct the validation split through a tokenizer and score it")
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of EMA")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of EMA")
+    p.add_argument("--no-ema", dest="raw_weights", action="store_true", help=argparse.SUPPRESS)  # old name of --raw-weights
     p.add_argument("--images", help="a folder / .npz of validation images instead of --data")
     _add_weights_flags(p)
     _add_data_flags(p)
@@ -328,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Where the results go is checked first, not after minutes of computing."""
-    run_dir = getattr(args, "run_dir", None)
-    if run_dir and Path(run_dir).exists() and not Path(run_dir).is_dir():
-        raise EvalError(f"--run-dir {run_dir} exists and is not a directory")
+    report_dir = getattr(args, "report_dir", None)
+    if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise EvalError(f"--report-dir {report_dir} exists and is not a directory")
     if getattr(args, "n", 1) < 1:
         raise EvalError(f"--n must be >= 1, got {args.n}")
 

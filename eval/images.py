@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from data.images import IMAGE_EXTENSIONS, is_image_name
 from data.transforms import to_float, to_uint8
 from eval.errors import ImageInputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEY = "images"  # preferred array name inside an .npz; a file holding a single array also works
 
 
@@ -76,14 +76,14 @@ def with_progress(batches: Iterable[torch.Tensor], total: int | None, desc: str,
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
-    """PNG/JPG files directly inside ``folder`` (not recursive), sorted by name; never empty."""
+    """Image files (data.IMAGE_EXTENSIONS, as the datasets read) directly inside ``folder`` (not recursive),
+    sorted by name; never empty."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageInputError(f"image folder {folder} does not exist or is not a directory")
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    files = sorted(p for p in folder.iterdir() if is_image_name(p.name) and p.is_file())
     if not files:
-        raise ImageInputError(f"image folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+        raise ImageInputError(f"image folder {folder} holds no {'/'.join(sorted(IMAGE_EXTENSIONS))} files")
     return files
 
 

@@ -21,7 +21,6 @@ result computed with it is labelled ``FID(unverified-weights)`` with ``standard_
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from core.files import sha256_file
 from eval.errors import WeightsError
 from eval.images import as_uint8_nchw
 
@@ -78,14 +78,6 @@ def find_weights(path: str | os.PathLike | None = None, *, allow_download: bool 
                                f"{_where_to_get()}") from None
         return cached
     raise WeightsError(f"FID Inception weights not found (downloads are off by default); {_where_to_get()}")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

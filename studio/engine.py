@@ -2,8 +2,8 @@
 
 Sampling goes through the same `generate` as sample.py (so a seed gives the same picture in both),
 with maskgit_decode's `on_step` observer recording the grid after every step for the strip.
-Editing keeps the pixels outside the regenerated tokens bit for bit: the decoder's receptive field
-spreads every token over its neighbours, so the decoded picture alone would change them slightly.
+Editing goes through the same region -> tokens rule and the same ``keep`` of the pixels outside the
+regenerated tokens as ``sample.py --inpaint`` (transformer/pipeline.py), so both give the same picture.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from einops import rearrange
 from PIL import Image
 
 from data import to_float, to_uint8
-from studio.api import Edit, ModelInfo, RequestError, Sampling, parse_edit, parse_generate
+from studio.api import Edit, ModelInfo, Sampling, parse_edit, parse_generate
 from tokenizer import VQModel
 from transformer import MaskGIT
-from transformer.pipeline import decode_settings, generate, load_models  # the studio's one use of the sampling API
+from transformer.pipeline import decode_settings, generate, load_models, region_tokens  # the studio's one sampling path
 
 STRIP_DIM = 0.3  # brightness kept by a still-masked token in the strip (its prediction shows through)
 
@@ -71,26 +71,18 @@ class Engine:
         return result
 
     def _edit(self, e: Edit) -> dict[str, Any]:
-        (h, w), r = self.info.grid, self.info.resolution
         if e.tokens is not None:
             tokens = e.tokens.to(self.device)
         else:
             with torch.no_grad():
                 tokens = self.tokenizer.encode(to_float(e.image)[None].to(self.device))[1].reshape(-1)  # (N,)
-        area = ~e.region if e.mode == "outpaint" else e.region  # (R, R) True = regenerate
-        drawn = F.adaptive_max_pool2d(area[None, None].float(), (h, w))[0, 0] > 0  # any pixel marks its token
-        if not drawn.any():
-            raise RequestError("the region covers no token: nothing to regenerate")
-        if drawn.all():
-            raise RequestError("the region covers every token: nothing is kept (use generate)")
-        images, out_tokens, strips, fixed = self._sample(e.sampling, tokens[None], drawn.reshape(1, -1))
-        # Paste the new tokens' pixels into the original picture: outside them nothing changes.
-        pixels = drawn.repeat_interleave(r // h, 0).repeat_interleave(r // w, 1)  # (R, R)
-        image = torch.where(pixels, images[0], e.image)
-        return {"images": [_result(image, out_tokens[0], strips[0], fixed[0])], "region": drawn.int().tolist()}
+        drawn = region_tokens(e.region, self.info.grid, outpaint=e.mode == "outpaint")  # (h, w) True = regenerate
+        images, out_tokens, strips, fixed = self._sample(e.sampling, tokens[None], drawn.reshape(1, -1), keep=e.image)
+        return {"images": [_result(images[0], out_tokens[0], strips[0], fixed[0])], "region": drawn.int().tolist()}
 
     @torch.no_grad()
-    def _sample(self, s: Sampling, init: torch.Tensor | None = None, init_mask: torch.Tensor | None = None):
+    def _sample(self, s: Sampling, init: torch.Tensor | None = None, init_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None):
         """(images (n, 3, R, R) uint8, tokens (n, N), strips (n, 3, R, T (R + 1)) uint8, fixed (n, T))."""
         attrs = None
         if s.attrs is not None:  # unnamed attributes are 0
@@ -98,7 +90,7 @@ class Engine:
         states = []
         images = torch.cat(list(generate(
             self.tokenizer, self.model, s.n, s.n, s.seed, s.steps, attrs=attrs, init=init, init_mask=init_mask,
-            progress=False, schedule=self.schedule, temperature=s.temperature, choice_temperature=s.choice_temperature,
+            keep=keep, progress=False, schedule=self.schedule, temperature=s.temperature, choice_temperature=s.choice_temperature,
             top_k=s.top_k, cfg_scale=s.cfg, on_step=lambda t, tokens, predicted: states.append((tokens, predicted)))))
         tokens = states[-1][0]  # (n, N), every position fixed after the last step
         grids = torch.stack([t for t, _ in states], 1)  # (n, T, N), mask_id where still masked

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Headless Chromium as the browser tests launch it (the system's, e.g. Debian's `chromium` package).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# the sizes of the tokenizer's smoke preset (tokenizer/train_config.py), for the tests that start from tiny
 TINY_DATA = ["data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
 
 
@@ -48,12 +49,11 @@ def tiny_runs(tmp_path_factory):
     the arccos schedule and 5 sample steps, so a sampler that ignores the stored settings shows)."""
     root = tmp_path_factory.mktemp("tiny_runs")
     tok, codes, mg = root / "tok", root / "codes", root / "mg"
-    run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", tok, "optim.steps=2", *TINY_DATA)
+    run_script(ROOT / "train_tokenizer.py", "--preset", "smoke", "--run-dir", tok, "optim.steps=2")
     run_script(ROOT / "pretokenize.py", "--tokenizer", tok / "checkpoint.pt", "--out", codes, "--batch-size", "16")
-    run_script(ROOT / "train_maskgit.py", "--preset", "tiny", "--run-dir", mg, "--codes", codes,
-               "--tokenizer", tok / "checkpoint.pt", "optim.steps=3", "optim.batch_size=8", "log.log_every=1",
-               "masking.condition=attrs", "masking.schedule=arccos", "masking.sample_steps=5", "model.dim=32",
-               "model.depth=1", "model.heads=2")
+    run_script(ROOT / "train_maskgit.py", "--preset", "smoke", "--run-dir", mg, "--codes", codes,
+               "--tokenizer", tok / "checkpoint.pt", "log.log_every=1", "masking.condition=attrs",
+               "masking.schedule=arccos", "masking.sample_steps=5")
     return {"tokenizer": tok / "checkpoint.pt", "tok_dir": tok, "codes": codes, "maskgit": mg / "checkpoint.pt", "mg_dir": mg}
 
 

@@ -105,10 +105,10 @@ def test_readme_commands_name_real_make_targets():
 def test_readme_flags_and_config_keys_exist():
     """Every --flag of a README command is defined by that command, every key=value override is a config key
     of a training script (with a value of the right type), every make VARIABLE= is a Makefile variable."""
-    import train_maskgit
-    import train_tokenizer
     from core.config import apply_overrides, to_dict
+    from tokenizer.train_config import PRESETS as TOKENIZER_PRESETS
     from training.run import _flat
+    from transformer.config import PRESETS as MASKGIT_PRESETS
 
     readme = (ROOT / "README.md").read_text()
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
@@ -127,7 +127,7 @@ def test_readme_flags_and_config_keys_exist():
             assert f'"{flag}"' in text, (flag, line)
             checked += 1
     assert checked >= 15
-    presets = (train_tokenizer.PRESETS["tiny"], train_maskgit.PRESETS["tiny"])
+    presets = (TOKENIZER_PRESETS["tiny"], MASKGIT_PRESETS["tiny"])
     keys = [set(_flat(to_dict(p))) for p in presets]
     for key, value in re.findall(r"\b((?:model|optim|data|log|loss|masking)\.[\w.]+)=([\w.]*)", readme):
         owners = [p for p, k in zip(presets, keys) if key in k]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
-from tokenizer.kmeans import kmeans, nearest_code, perplexity
+from tokenizer.kmeans import kmeans, nearest_code
+from tokenizer.usage import perplexity
 
 SGD = lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9)  # noqa: E731
 

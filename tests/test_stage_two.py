@@ -138,7 +138,7 @@ def test_eval_gen_and_rfid_from_checkpoints(tiny_runs, tmp_path):
         save_image((dataset[i]["image"] + 1) / 2, ref / f"{i}.png")
     out = run_script("-m", "eval", "gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"],
                      "--n", "8", "--gen-batch-size", "4", "--metrics", "swd", "--ref-images", ref, "--run-dir", tmp_path,
-                     "--attrs", "smiling=1", "--cfg-scale", "1.5")  # guidance works here as in sample.py
+                     "--attrs", "smiling=1", "--cfg", "1.5")  # guidance works here as in sample.py
     result = json.loads(next(tmp_path.glob("gen_*.json")).read_text())
     assert result["metrics"]["SWD_x1e3_mean"] > 0 and result["protocol"]["sampling"]["n"] == 8
     trained = json.loads((tiny_runs["mg_dir"] / "config.json").read_text())["masking"]

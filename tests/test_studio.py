@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM_ARGS, ROOT, chromium
+from conftest import CHROMIUM_ARGS, ROOT, chromium, run_script
 from PIL import Image
 
 from core.errors import main_guard
@@ -123,6 +123,29 @@ def test_edit_changes_only_the_marked_tokens(server, mode):
     assert status == 200 and upload["region"] == out["region"]
     if mode == "inpaint":
         assert np.array_equal(outside(pixels(upload["images"][0]["png"]), 8, 24), outside(before, 8, 24))
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "outpaint"])
+def test_studio_edit_and_sample_py_inpaint_give_the_same_pixels(tiny_runs, tmp_path, mode):
+    """One inpainting (transformer/pipeline.py): the studio's edit of an uploaded picture and sample.py --inpaint
+    with the same box, seed and settings give the same pixels, and both keep every pixel outside the
+    regenerated tokens exactly."""
+    from data import preprocess_uint8
+
+    picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    engine = Engine.from_paths(tiny_runs["tokenizer"], tiny_runs["maskgit"])
+    out = engine.edit({"image": png_url(picture), "box": [9, 9, 23, 20], "mode": mode, "seed": 3})
+    grid = tmp_path / "grid.png"
+    run_script(ROOT / "sample.py", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"], "--grid", grid,
+               "--grid-size", "1", "--seed", "3", "--inpaint", tmp_path / "picture.png", "--box", "9,9,23,20",
+               *(["--outpaint"] if mode == "outpaint" else []))
+    studio = pixels(out["images"][0]["png"])
+    assert np.array_equal(studio, np.asarray(Image.open(grid).convert("RGB")))
+    original = preprocess_uint8(Image.fromarray(picture), 32, None).permute(1, 2, 0).numpy()
+    kept = ~np.kron(np.array(out["region"], dtype=bool), np.ones((4, 4), dtype=bool))
+    assert kept.any() and np.array_equal(studio[kept], original[kept])
+    assert (studio[~kept] != original[~kept]).any()
 
 
 def bad_requests():

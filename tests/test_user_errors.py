@@ -173,7 +173,7 @@ def test_resume_accepts_overrides_equal_to_defaults_of_fields_newer_than_the_che
     import pytest
 
     from core.config import ConfigError, to_dict
-    from train_tokenizer import PRESETS, TrainTokenizerConfig
+    from tokenizer.train_config import PRESETS, TrainTokenizerConfig
     from training.run import resolve_config
 
     stored = to_dict(PRESETS["tiny"])
@@ -193,7 +193,7 @@ def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, en
     from core.checkpoint import save_checkpoint
     from core.config import ConfigError, to_dict
     from tokenizer import load_tokenizer
-    from train_tokenizer import PRESETS
+    from tokenizer.train_config import PRESETS
 
     stored = to_dict(PRESETS["tiny"])
     stored["model"]["vq"].update(kind="residual", groups=2, cb_norm="l2")
@@ -203,3 +203,17 @@ def test_checkpoint_from_an_older_recipe_is_refused_naming_the_file(tmp_path, en
         load_tokenizer(path)
     code, err = entry("train_tokenizer", "--run-dir", str(path.parent), "--resume")
     assert code == 2 and "another version of the project" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resolution_is_one_setting():
+    """data.resolution and model.resolution: an override of either sets both, two different values are refused."""
+    from core.config import ConfigError, apply_overrides
+    from tokenizer.train_config import PRESETS, tie_resolution
+
+    for key in ("data.resolution", "model.resolution"):
+        cfg = apply_overrides(PRESETS["tiny"], tie_resolution([f"{key}=64"]))
+        assert cfg.data.resolution == cfg.model.resolution == 64
+    with pytest.raises(ConfigError, match="one setting"):
+        tie_resolution(["data.resolution=64", "model.resolution=32"])
+    with pytest.raises(ConfigError, match="must equal"):
+        apply_overrides(PRESETS["tiny"], ["data.resolution=64"])  # untied: the schema refuses the mismatch

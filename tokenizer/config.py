@@ -136,7 +136,8 @@ class TokenizerConfig:
 
 
 def build_quantizer(cfg: VQConfig) -> nn.Module:
-    """The VQ layer for ``cfg``, with features on dim 1 (B, C, H, W)."""
+    """The VQ layer for ``cfg``, with features on dim 1 (B, C, H, W). ``cfg.code_dim`` is every layer's first
+    argument, ``feature_size`` (the length of the feature axis, the codes' dimension d)."""
     inplace = partial(torch.optim.SGD, lr=cfg.inplace_lr, momentum=cfg.inplace_momentum) if cfg.inplace_lr > 0 else None
     common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
                   affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,

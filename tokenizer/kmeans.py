@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 # 2**24 fp32 distances per chunk = 64 MiB: large enough that the matmul dominates, small enough for
@@ -171,37 +170,3 @@ def _sq_dist_to_nearest(x: Tensor, x_sq: Tensor, centers: Tensor, chunk_elems: i
         d2 = torch.addmm(c_sq, xc, centers.t(), alpha=-2.0).amin(1) + xc_sq  # (r,)
         out[start : start + rows] = d2.masked_fill_(d2 <= 2e-5 * xc_sq, 0.0)
     return out
-
-
-def code_histogram(q: Tensor, num_codes: int) -> Tensor:
-    """Counts of each code in ``q`` (any shape) -> (K,) float."""
-    return torch.bincount(q.reshape(-1), minlength=num_codes).float()
-
-
-def perplexity(counts: Tensor) -> Tensor:
-    """exp(entropy) of a code histogram: K for uniform use, 1 when one code takes everything."""
-    p = counts / counts.sum().clamp_min(1)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def broadcast_(t: Tensor, src: int = 0) -> Tensor:
-    """In-place broadcast from rank ``src`` when torch.distributed is initialised (no-op otherwise)."""
-    if distributed():
-        dist.broadcast(t, src)
-    return t
-
-
-def all_reduce_(t: Tensor, op: str = "sum") -> Tensor:
-    """In-place all-reduce (sum/mean/max) when torch.distributed is initialised (no-op otherwise)."""
-    if distributed():
-        if op == "max":
-            dist.all_reduce(t, dist.ReduceOp.MAX)
-        else:
-            dist.all_reduce(t, dist.ReduceOp.SUM)
-            if op == "mean":
-                t /= dist.get_world_size()
-    return t

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.processes import all_reduce_, broadcast_
 from tokenizer.estimators import quantizer_loss, quantizer_output
-from tokenizer.kmeans import all_reduce_, broadcast_, code_histogram, kmeans, nearest_code, perplexity
+from tokenizer.kmeans import kmeans, nearest_code
+from tokenizer.usage import code_histogram, perplexity
 
 NORMS = (None, "l2")
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from tokenizer.estimators import quantizer_output
-from tokenizer.kmeans import code_histogram, perplexity
 from tokenizer.quantizer import check_finite, check_input
+from tokenizer.usage import code_histogram, perplexity
 
 
 class GridQuant(nn.Module):

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
-from core.processes import multi_cpu
+from core.processes import all_ranks_any, multi_cpu
 
 T = TypeVar("T")
 
@@ -47,10 +48,14 @@ def base_parser(description: str, presets: dict[str, Any], default_preset: str) 
     return p
 
 
-def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str) -> argparse.Namespace:
+def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str,
+                   tie: Callable[[list[str]], list[str]] | None = None) -> argparse.Namespace:
     """Parse the command line; --print-config prints preset + overrides as JSON and exits, before the
-    flags a run needs (--run-dir and ``required``) are checked."""
+    flags a run needs (--run-dir and ``required``) are checked. ``tie`` rewrites the overrides first
+    (one setting stored under two keys)."""
     args = p.parse_args()
+    if tie is not None:
+        args.overrides = tie(args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(apply_overrides(presets[args.preset], args.overrides)), indent=2))
         sys.exit(0)
@@ -144,8 +149,9 @@ class MetricWindow:
     the first window after a resume off a log boundary is shorter, and skipped steps add nothing.
 
     Values may be floats or scalar tensors. Tensors are summed where they live (in float64, as Python
-    floats would be), so a step costs no host sync: the device is read once per log line, in
-    ``averages``, not once per step for every metric."""
+    floats would be), so the window adds no host sync per step: the device is read once per log line,
+    in ``averages``. (The step itself still syncs elsewhere: the non-finite guard reads the loss, the
+    quantizer checks its input, k-means and dead-code replacement read the device.)"""
 
     def __init__(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = {}
@@ -168,16 +174,6 @@ class MetricWindow:
         out[rate_name] = self.items / max(time.time() - self.t0, 1e-9)
         self.__init__()
         return out
-
-
-def all_ranks_any(flag: bool, device: torch.device) -> bool:
-    """True on every process when ``flag`` is True on any (one all-reduce; the flag itself with one process).
-    Per-rank decisions to skip a backward or to stop would leave the other ranks waiting in a collective."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class StopSignal:

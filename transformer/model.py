@@ -76,7 +76,7 @@ class MaskGITConfig:
 # Model sizes; num_codes and grid come from the tokenizer (see build_maskgit).
 PRESETS: dict[str, MaskGITConfig] = {
     # CPU smoke runs and tests.
-    "tiny": MaskGITConfig(dim=128, depth=4, heads=4, mlp_ratio=4.0),
+    "tiny": MaskGITConfig(dim=128, depth=4, heads=4, mlp_ratio=4.0, attn_dropout=0.0),
     # One GPU, 16x16 grid of 1024 codes from a 64x64 CelebA tokenizer (~38M parameters); a
     # scaled-down version of MaskGIT's 24-layer, 768-wide ImageNet model.
     "celeba64": MaskGITConfig(dim=512, depth=12, heads=8, mlp_ratio=4.0),

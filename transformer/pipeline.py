@@ -23,14 +23,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from core.config import stored_config
+from core.config import stored_config, to_dict
 from core.errors import UserError
 from core.pretrained import is_export, read_config
 from core.processes import shard_batches
 from data import load_rgb, preprocess_uint8, to_uint8
 from tokenizer import VQModel, load_tokenizer
+from transformer.config import MaskingConfig, TrainMaskGITConfig
 from transformer.decoding import CFG_SCHEDULES, CHOICE_SCHEDULES, ORDERS, maskgit_decode
-from transformer.model import MaskGIT, MaskGITConfig
+from transformer.model import MaskGIT
 from transformer.schedule import SCHEDULES
 
 SAMPLES_RECORD = "samples.json"  # next to a folder of samples: what made them (sample.py writes, eval reads)
@@ -49,14 +50,16 @@ def load_models(tokenizer_path: str, maskgit_path: str, ema: bool = True,
                             "when exporting)")
         config = read_config(maskgit_path, "maskgit")
         model = MaskGIT.from_pretrained(maskgit_path, device=device)
-        meta = {**config["meta"], "config": {"model": config["model"], "masking": config["masking"]}}
+        masking = stored_config(MaskingConfig, config["masking"], f"{maskgit_path}/config.json")
+        meta = {**config["meta"], "config": {"model": to_dict(model.cfg), "masking": to_dict(masking)}}
     else:
         try:
             ckpt = load_checkpoint(maskgit_path, kind="maskgit")
         except CheckpointError as e:
             raise CheckpointError(f"--maskgit: {e}") from None
-        meta = {**ckpt["meta"], "config": ckpt["config"]}
-        model = MaskGIT(stored_config(MaskGITConfig, ckpt["config"]["model"], str(maskgit_path)))
+        cfg = stored_config(TrainMaskGITConfig, ckpt["config"], str(maskgit_path))  # the run's config, typed
+        meta = {**ckpt["meta"], "config": to_dict(cfg)}
+        model = MaskGIT(cfg.model)
         model.load_state_dict(ckpt["ema" if ema else "model"])
         model = model.to(device).eval()
     identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}
@@ -133,8 +136,9 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--choice-temperature", type=float, default=None, help="tau_0 of the confidence noise (4.5)")
     g.add_argument("--temperature", type=float, default=None, help="token sampling temperature (1.0)")
     g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--cfg", "--cfg-scale", dest="cfg_scale", type=float, default=None,
+    g.add_argument("--cfg", dest="cfg_scale", type=float, default=None,
                    help="guidance weight w: logits = cond + w (cond - uncond); needs --attrs")
+    g.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None, help=argparse.SUPPRESS)  # old name of --cfg
     g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES),
                    help="guidance over the steps: constant, linear, or pow-cosine (0 -> w, MaskBit's ramp)")
     g.add_argument("--cfg-power", type=float, default=None, help="power of the pow-cosine ramp (3)")
@@ -179,10 +183,10 @@ def parse_attrs(text: str | None, meta: dict[str, Any], model: MaskGIT) -> torch
 
 
 def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpaint: bool) -> torch.Tensor:
-    """(h, w) bool, True = regenerate. A token is regenerated when any of its pixels is masked."""
-    r, (h, w) = tokenizer.cfg.resolution, tokenizer.grid
+    """sample.py's --box / --mask -> (h, w) bool tokens to regenerate (``region_tokens``)."""
+    r = tokenizer.cfg.resolution
     if mask_path:
-        pixels = preprocess_uint8(load_rgb(mask_path), r, None).float().mean(0) > 127  # white = regenerate
+        pixels = preprocess_uint8(load_rgb(mask_path), r, None).float().mean(0) > 127  # white = the region
     elif box:
         try:
             x0, y0, x1, y1 = (int(v) for v in box.split(","))
@@ -194,12 +198,28 @@ def token_mask(tokenizer: VQModel, box: str | None, mask_path: str | None, outpa
         pixels[y0:y1, x0:x1] = True
     else:
         raise UserError("--inpaint needs --box or --mask")
-    if outpaint:
-        pixels = ~pixels
-    grid = F.adaptive_max_pool2d(pixels[None, None].float(), (h, w))[0, 0] > 0
-    if not grid.any():
-        raise UserError("the mask covers no token: nothing to regenerate")
-    return grid
+    return region_tokens(pixels, tokenizer.grid, outpaint)
+
+
+def region_tokens(region: torch.Tensor, grid: tuple[int, int], outpaint: bool) -> torch.Tensor:
+    """(R, R) bool region as drawn -> (h, w) bool, True = regenerate: a token is regenerated when any of its
+    pixels is in the region (inpainting), or out of it (outpainting). Inpainting in sample.py and the studio."""
+    area = ~region if outpaint else region
+    tokens = F.adaptive_max_pool2d(area[None, None].float(), tuple(grid))[0, 0] > 0
+    if not tokens.any():
+        raise UserError("the region covers no token: nothing to regenerate")
+    if tokens.all():
+        raise UserError("the region covers every token: nothing is kept (sample without inpainting)")
+    return tokens
+
+
+def keep_outside(images: torch.Tensor, original: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Decoded (B, 3, R, R) uint8 images with every pixel outside the regenerated ``tokens`` (h, w) taken
+    exactly from ``original`` (3, R, R) uint8: the decoder spreads each token over its neighbours, so the
+    decoded picture alone would change the kept pixels slightly."""
+    (h, w), r = tokens.shape, original.shape[-1]
+    pixels = tokens.repeat_interleave(r // h, 0).repeat_interleave(r // w, 1).to(images.device)  # (R, R)
+    return torch.where(pixels, images, original.to(images.device))
 
 
 def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -212,16 +232,17 @@ def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -
 @torch.no_grad()
 def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: int, steps: int = 8,
              attrs: torch.Tensor | None = None, init: torch.Tensor | None = None,
-             init_mask: torch.Tensor | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
-             **decode_kwargs: Any) -> Iterator[torch.Tensor]:
+             init_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None, progress: bool = True,
+             shard: tuple[int, int] = (0, 1), **decode_kwargs: Any) -> Iterator[torch.Tensor]:
     """Yield uint8 image batches (B, 3, H, W) of images 0..n-1, in batches [0, B), [B, 2B), ...
 
     Image i draws its random numbers from its own generator, ``image_generator(seed, i)``, so it is the
     same image whichever images share its batch. shard=(rank, world): only the batches
     ``core.processes.shard_batches`` gives that process (sample.py on several processes), the same
     batches as with one process. attrs: (A,) one condition for every sample, or (n, A) one per sample.
-    init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting). decode_kwargs go
-    to maskgit_decode."""
+    init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting); keep: (3, R, R) uint8,
+    the picture whose pixels outside the regenerated tokens are returned unchanged (``keep_outside``).
+    decode_kwargs go to maskgit_decode."""
     device = next(model.parameters()).device
     h, w = tokenizer.grid
     batches = shard_batches(n, batch_size, *shard)
@@ -237,5 +258,6 @@ def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: 
                 extra = dict(init_tokens=init.expand(b, -1).to(device), init_mask=init_mask.expand(b, -1).to(device))
             generators = [image_generator(seed, i, device) for i in idx]
             tokens = maskgit_decode(model, b, generators, steps=steps, cond=cond, **extra, **decode_kwargs)
-            yield to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
+            images = to_uint8(tokenizer.decode_indices(tokens.view(b, h, w))).cpu()
+            yield images if keep is None else keep_outside(images, keep, init_mask.view(h, w).cpu())
             bar.update(b)
