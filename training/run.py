@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.checkpoint import load_checkpoint, non_finite, rng_state, save_checkpoint, set_rng_state
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
@@ -250,10 +250,8 @@ class TrainState:
         Non-finite weights are refused, so checkpoint.pt is always the last good one."""
         sums = check_replicas(accelerator, self.model)  # every process must hold the same weights and codebook
         for name, module in (("weights", self.model), ("EMA weights", self.ema.model)):
-            bad = [k for k, t in module.state_dict().items()
-                   if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
-            if bad:
-                raise RunError(f"step {self.step}: the {name} are not finite ({', '.join(bad[:3])}); not saved, the "
+            if bad := non_finite(module.state_dict()):
+                raise RunError(f"step {self.step}: the {name} are not finite ({bad}); not saved, the "
                                f"checkpoint in {run_dir} is the last good one: lower the learning rate, then --resume")
         if accelerator.is_main_process:
             write_json(run_dir / "replicas.json", {"step": self.step, "processes": accelerator.num_processes,
