@@ -1,16 +1,24 @@
 """Faults, round three: flipped bytes in checkpoints and exports, two writers in one run directory,
 interrupted runs and their exit status, interrupted sampling. Each test counts the faults it injects in
 FAULTS (the note of issue 26 quotes the totals)."""
+import argparse
+import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 from conftest import ROOT, run_script
 from safetensors.torch import load_file, save_file
+from test_reliability import _tokenizer_cmd
 
 from core.checkpoint import CheckpointError, content_sha256, load_checkpoint, save_checkpoint
 from tokenizer import VQModel
+from training.run import open_run
 from transformer import MaskGIT
 from transformer.pipeline import export_models
 
@@ -125,3 +133,61 @@ def test_flipped_bytes_in_an_export_are_refused_or_harmless(tiny_runs, tmp_path)
     save_file(state, tmp_path / "inf" / "model.safetensors")
     with pytest.raises(CheckpointError, match="not finite"):
         VQModel.from_pretrained(tmp_path / "inf")
+
+
+# --- 2. one writer per run directory; 3. an interrupted run does not exit 0 --------------------------------
+
+def _wait_for(path, proc, seconds=120):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+
+
+INTRUDERS = 2  # a --resume and an --overwrite into the directory a training is writing
+
+
+def test_a_second_run_into_a_busy_run_dir_is_refused_and_an_interrupt_exits_130(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(_tokenizer_cmd(run, 100_000), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        _wait_for(run / "checkpoint.pt", first)
+        for extra in (["--resume"], ["--overwrite"]):
+            cmd = _tokenizer_cmd(run, 100_000, resume=False)
+            cmd[4:4] = extra
+            cmd.append("optim.seed=7")
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+            assert f"in use by another run (pid {first.pid} " in out.stderr and out.stderr.strip().count("\n") == 0
+        assert first.poll() is None  # the first run goes on, undisturbed
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, err[-2000:]  # 128 + SIGINT: `train && next` stops here
+    assert "SIGINT: checkpoint saved" in out + err and "continue with --resume" in out + err
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # one run's rows only
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["optim"]["seed"] == 0
+    # the lock file is still there, naming a process that is gone: free again (no stale lock to delete)
+    assert f"pid {first.pid} " in (run / ".lock").read_text()
+    out = subprocess.run(_tokenizer_cmd(run, steps[-1] + 1), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == steps[-1] + 1
+
+
+def test_run_lock_is_exclusive_released_and_ignores_dead_holders(tmp_path):
+    from training.run import RunError, RunLock
+
+    (tmp_path / ".lock").write_text("pid 999999999 on elsewhere, started long ago: train_tokenizer.py\n")
+    lock = RunLock(tmp_path)  # a lock file whose process is gone is free
+    with pytest.raises(RunError, match=f"in use by another run \\(pid {os.getpid()} "):
+        RunLock(tmp_path)  # a second open file description of this very process: refused too
+    lock.release()
+    RunLock(tmp_path).release()
+    args = argparse.Namespace(run_dir=str(tmp_path), resume=True, overwrite=False)
+    open_run(args, "tokenizer")
+    with pytest.raises(RunError, match="in use"):
+        open_run(argparse.Namespace(**{**vars(args), "run_lock": None}), "tokenizer")
+    del args  # the run's arguments go with its main(): so does the lock
+    open_run(argparse.Namespace(run_dir=str(tmp_path), resume=True, overwrite=False), "tokenizer")

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -91,7 +92,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def open_run(args: argparse.Namespace, kind: str) -> tuple[Path, dict[str, Any] | None]:
     """The run directory (created, writable) and, with --resume, its checkpoint. A directory that
     holds a checkpoint is never reset silently: without --resume it is refused unless --overwrite."""
-    run_dir = prepare_run_dir(args.run_dir)
+    run_dir = prepare_run_dir(args.run_dir, owner=args)
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         return run_dir, None
@@ -103,8 +104,10 @@ def open_run(args: argparse.Namespace, kind: str) -> tuple[Path, dict[str, Any] 
     return run_dir, None
 
 
-def prepare_run_dir(path: str | os.PathLike) -> Path:
-    """Create the run directory and prove it is writable now, not at the first checkpoint hours later."""
+def prepare_run_dir(path: str | os.PathLike, owner: Any = None) -> Path:
+    """Create the run directory and prove it is writable now, not at the first checkpoint hours later.
+    With ``owner`` (the run's parsed arguments) the directory is first locked for this process
+    (``RunLock``, kept as ``owner.run_lock``), so another run cannot write into it meanwhile."""
     run_dir = Path(path)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +115,49 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    if owner is not None:
+        owner.run_lock = RunLock(run_dir)  # before the clean-up below: another run's temp files are its own
     for stale in run_dir.glob(".*.tmp"):  # atomic writes cut short by a kill: the targets are intact
         stale.unlink(missing_ok=True)
     return run_dir
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on RUN/.lock, which names its holder (pid, host,
+    start time, command). The kernel drops the lock when its process ends, however it ends (a return, an
+    error, kill -9), so a lock file left by a dead process is free again: nothing stale to delete by hand.
+    Released when this object goes (the run's ``main`` returns) or with ``release``. Under a launcher only
+    the first process (RANK 0) takes it: the others are the same run."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.file = None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        f = open(run_dir / self.NAME, "a+")  # noqa: SIM115 - held open as long as the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not yet written its name"
+            f.close()
+            raise RunError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                           f"or choose another --run-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:200]}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()  # closing the file drops the flock
+
+    __del__ = release
 
 
 class JsonlLog:
@@ -181,18 +224,25 @@ def all_ranks_any(flag: bool, device: torch.device) -> bool:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits.
-    ``agreed`` makes the decision together: a signal to one process stops them all at the same step."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits with
+    ``exit_status`` (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), never 0, so that
+    ``train && next_stage`` and make stop at an unfinished model. ``agreed`` makes the decision
+    together: a signal to one process stops them all at the same step."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.signum = signal.SIGTERM  # a stop decided on another process ends this one as terminated
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested, self.signum = signal.Signals(signum).name, signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
 
     def agreed(self, device: torch.device) -> bool:
         if all_ranks_any(self.requested is not None, device) and self.requested is None:
