@@ -132,6 +132,7 @@ class Pretrained:
         state = tensor_state(self)
         save_file(state, str(tmp), metadata={"format": FORMAT, "kind": self.kind,
                                              "sha256": content_sha256(dict(sorted(state.items())))})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: a shared folder must be readable
         os.replace(tmp, folder / WEIGHTS)
         write_json(folder / CONFIG, {"format": FORMAT, "kind": self.kind, "export_version": EXPORT_VERSION,
                                      "model": to_dict(self.cfg), **info})
