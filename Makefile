@@ -48,6 +48,11 @@ DECODING_ARGS ?=
 HOST       ?= 127.0.0.1
 PORT       ?= 8000
 
+# make splits words at spaces: a RUN with a space would become two arguments (or two paths); refuse it.
+ifneq ($(words $(RUN)),1)
+$(error RUN="$(RUN)" must be one path without spaces (make cannot pass it whole); use another path or a symlink)
+endif
+
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m accelerate.commands.launch --num_processes $(NPROC))
 TOK := $(RUN)/tokenizer/checkpoint.pt
 MG  := $(RUN)/maskgit/checkpoint.pt

@@ -159,9 +159,12 @@ def build(run: Path) -> tuple[list[Figure], dict[str, list[Row]], dict[str, str]
             continue
         rows, m = [], result.get("metrics", {})
         count = result.get("protocol", {}).get("samples", {}).get("count", "?")
+        paired = str(result.get("protocol", {}).get("samples", {}).get("kind", "")).startswith("reconstructions")
         for key, label, unit in (("FID", "FID", ""), ("SWD_x1e3_mean", "SWD ×10³", "")):
             if key in m:
-                context = (f"real-vs-real floor {m_floor:.4g} (real train images scored the same way)"
+                context = ("paired with the very images reconstructed: the floor is 0 (the generation floor does "
+                           "not apply)" if paired else
+                           f"real-vs-real floor {m_floor:.4g} (real train images scored the same way)"
                            if (m_floor := floor.get(key)) is not None else "no floor measured (eval/floor.json)")
                 rows.append(Row(label, f"{m[key]:.4g}{unit}", f"{count} images; {context}; lower is better"))
         for key, value in m.items():

@@ -14,10 +14,16 @@ processes, so 1 or 8 processes write the same PNGs (each process takes every P-t
 PNGs, samples.json records what was sampled (checkpoints and their sha256, settings, count), and
 `python -m eval score` reports it; a non-empty --out-dir is refused unless --overwrite (old PNGs would
 be scored with the new ones). The grid is drawn by the first process alone.
+
+samples.json is written first, with "complete": false, and marked complete once every PNG is (each PNG
+is written atomically): a folder an interrupted run left is recognisable (`python -m eval score`
+refuses it), and running the same command again continues it, sampling only the batches still missing.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,8 +32,8 @@ from torchvision.utils import save_image
 from core.errors import UserError, main_guard
 from core.files import write_json
 from core.pretrained import weights_sha256
-from core.processes import process_state, shard_batches
-from data import load_rgb, preprocess_uint8, to_float
+from core.processes import check_device, process_state, shard_batches
+from data import BadImageError, load_rgb, preprocess_uint8, to_float
 from transformer.pipeline import (
     SAMPLES_RECORD,
     add_decode_flags,
@@ -68,6 +74,11 @@ def main() -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_images < 0:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
+    if args.inpaint and not Path(args.inpaint).is_file():
+        raise UserError(f"--inpaint {args.inpaint}: no such file")
+    if args.mask and not Path(args.mask).is_file():
+        raise UserError(f"--mask {args.mask}: no such file")
+    device = check_device(args.device) if args.device else None
     if args.grid and Path(args.grid).is_dir():
         raise UserError(f"--grid {args.grid} is a directory; give the path of a .png file")
     out = Path(args.out_dir) if args.out_dir else None
@@ -76,19 +87,23 @@ def main() -> None:
             raise UserError("--num-images needs --out-dir")
         if out.exists() and not out.is_dir():
             raise UserError(f"--out-dir {out} exists and is not a directory")
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite and _unfinished(out) is None:
             raise UserError(f"--out-dir {out} is not empty: its images would be scored with the new ones; "
                             f"choose an empty folder or add --overwrite")
     state.wait_for_everyone()  # every process has checked the folder before any writes to it
 
-    device = torch.device(args.device) if args.device else state.device
+    device = device or state.device
     is_main = state.is_main_process
     tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=not args.raw_weights, device=device)
     settings = settings_from_args(args, meta)
     attrs = parse_attrs(args.attrs, meta, model)
     init = init_mask = keep = None
     if args.inpaint:  # the studio's edit: the same tokens regenerated, the same pixels kept
-        keep = preprocess_uint8(load_rgb(args.inpaint), tokenizer.cfg.resolution, None)  # (3, R, R) uint8
+        try:
+            picture = load_rgb(args.inpaint)
+        except BadImageError as e:
+            raise UserError(f"--inpaint: {e}") from None
+        keep = preprocess_uint8(picture, tokenizer.cfg.resolution, None)  # (3, R, R) uint8
         init = tokenizer.encode(to_float(keep)[None].to(device))[1].view(1, -1)
         init_mask = token_mask(tokenizer, args.box, args.mask, args.outpaint).view(1, -1)
     kwargs = dict(attrs=attrs, init=init, init_mask=init_mask, keep=keep, **settings)
@@ -103,22 +118,50 @@ def main() -> None:
         write_json(Path(args.grid).with_suffix(".json"), {**record, "count": args.grid_size, "seed": args.seed})
         print(f"sample: grid of {args.grid_size} -> {args.grid}")
     if args.num_images:
+        record = {**record, "count": args.num_images, "seed": args.seed + 1,
+                  "batch_size": args.batch_size}  # the batches' float rounding
+        previous = None if args.overwrite else _unfinished(out)
+        if previous is not None and previous != json.loads(json.dumps(record)):
+            key = next(k for k in record if previous.get(k) != json.loads(json.dumps(record[k])))
+            raise UserError(f"--out-dir {out} holds an unfinished sampling with another {key} ({previous.get(key)!r}): "
+                            f"run that command again to finish it, or add --overwrite")
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
-            for old in [*out.glob("*.png"), out / SAMPLES_RECORD]:  # --overwrite: nothing old is left to be scored
+            stale = [*out.glob(".*.tmp")] if previous else [*out.glob("*.png"), *out.glob(".*.tmp"), out / SAMPLES_RECORD]
+            for old in stale:  # --overwrite: nothing old is left to be scored; resuming: torn writes only
                 old.unlink(missing_ok=True)
+            write_json(out / SAMPLES_RECORD, {**record, "complete": False})
         state.wait_for_everyone()
         shard = (state.process_index, state.num_processes)
+        todo = [idx for idx in shard_batches(args.num_images, args.batch_size, *shard)
+                if not all((out / f"{i:06d}.png").exists() for i in idx)]
         batches = generate(tokenizer, model, args.num_images, args.batch_size, args.seed + 1, shard=shard,
-                           progress=is_main, **kwargs)
-        for idx, batch in zip(shard_batches(args.num_images, args.batch_size, *shard), batches):
-            for i, img in zip(idx, batch):
-                save_image(img.float() / 255, out / f"{i:06d}.png")
-        state.wait_for_everyone()  # the record is written once every image is
+                           progress=is_main, only=todo.__contains__, **kwargs)
+        try:
+            for idx, batch in zip(todo, batches):
+                for i, img in zip(idx, batch):
+                    tmp = out / f".{i:06d}.png.tmp"
+                    save_image(img.float() / 255, tmp, format="png")
+                    os.replace(tmp, out / f"{i:06d}.png")
+        except KeyboardInterrupt:
+            done = len(list(out.glob("*.png")))
+            raise KeyboardInterrupt(f"{done} of {args.num_images} images in {out}, marked unfinished in "
+                                    f"{SAMPLES_RECORD}; run the same command again to finish them") from None
+        state.wait_for_everyone()  # the record is marked complete once every image is written
         if is_main:
-            write_json(out / SAMPLES_RECORD, {**record, "count": args.num_images, "seed": args.seed + 1,
-                                              "batch_size": args.batch_size})  # the batches' float rounding
+            write_json(out / SAMPLES_RECORD, {**record, "complete": True})
             print(f"sample: {args.num_images} images -> {out} (what was sampled: {out / SAMPLES_RECORD})")
+
+
+def _unfinished(out: Path) -> dict | None:
+    """The record of an unfinished sampling in ``out`` (without its "complete" flag), else None."""
+    try:
+        record = json.loads((out / SAMPLES_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.pop("complete", True) is not False:
+        return None
+    return record
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def masked_accuracy(model: MaskGIT, dataset: CodeDataset, cfg: TrainMaskGITConfi
     return {f"val_{k}": v / max(n, 1) for k, v in totals.items()}
 
 
-def main() -> None:
+def main() -> int | None:
     p = base_parser(__doc__.splitlines()[0], PRESETS, "tiny")
     p.add_argument("--codes", help="code directory written by pretokenize.py (required)")
     p.add_argument("--tokenizer", help="the tokenizer checkpoint the codes were made with (required)")
@@ -193,7 +193,7 @@ def main() -> None:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             accelerator.end_training()
-            return
+            return stop.exit_status  # not 0: the model is unfinished
     bar.close()
 
     # final validation (EMA weights)

@@ -67,7 +67,7 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
             "num_codes": model.num_codes, "usage_counts": counts.long().tolist()}
 
 
-def main() -> None:
+def main() -> int | None:
     args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS, tie=tie_resolution)
     run_dir, ckpt = open_run(args, "tokenizer")
     cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
@@ -190,7 +190,7 @@ def main() -> None:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             accelerator.end_training()
-            return
+            return stop.exit_status  # not 0: the model is unfinished
     bar.close()
 
     # final validation (EMA weights)

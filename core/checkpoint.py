@@ -13,6 +13,11 @@ It is saved with ``torch.save`` to a temporary file in the same directory, fsync
 the target (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the old or the
 new file, never a torn one. It is loaded with ``torch.load(weights_only=True)``: a pickle that tries
 to build arbitrary objects (the classic ``__reduce__`` exploit) is refused before anything runs.
+
+Every checkpoint carries ``"sha256"``, the ``content_sha256`` of the rest of its content (every tensor's
+bytes, dtype and shape, every plain value), checked on load: bytes flipped on disk or in a copy are one
+``CheckpointError`` naming the file, never weights trained or sampled from. Weights (``model``/``ema``)
+that are not finite are refused on load too. (Checkpoints written before the hash load unchecked.)
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Atomically write ``payload`` (tensors and plain values only) to ``path``."""
     path = Path(path)
     payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload["sha256"] = content_sha256(payload)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -91,8 +97,14 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    if "sha256" in ckpt and content_sha256({k: v for k, v in ckpt.items() if k != "sha256"}) != ckpt.pop("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its content does not match the sha256 written with it (damaged on "
+                              f"disk or in a copy); restore a good copy, or train again")
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, but a {kind!r} checkpoint was expected here")
+    for part in ("model", "ema"):
+        if bad := non_finite(ckpt.get(part)):
+            raise CheckpointError(f"{path}: the {part} weights are not finite ({bad}); refused, use an earlier checkpoint")
     ckpt.setdefault("meta", {})
     if ckpt.get("version") == 1 and ckpt.get("kind") == "maskgit":  # v1 kept provenance next to the training config
         meta = dict(ckpt["config"])
@@ -100,6 +112,42 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         meta.pop("model")
         ckpt["meta"], ckpt["version"] = meta, VERSION
     return ckpt
+
+
+def content_sha256(obj: Any) -> str:
+    """sha256 (hex) of a checkpoint's content: dicts (keys in order), lists, tuples, tensors (dtype, shape,
+    bytes) and plain values (their repr), so a flipped byte anywhere a value comes from changes it."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                feed(k)
+                feed(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__[0]}{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def non_finite(state: Any) -> str:
+    """The names (at most three, comma-separated) of a state dict's floating tensors that hold NaN or inf; ''
+    when all are finite or ``state`` is not a dict."""
+    if not isinstance(state, dict):
+        return ""
+    bad = [str(k) for k, t in state.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return ", ".join(bad[:3])
 
 
 def file_sha256(path: str | os.PathLike, prefix: int = 16) -> str:

@@ -2,7 +2,8 @@
 
 Each subclass (ConfigError, CheckpointError, DataError, CodeFileError, RunError, EvalError) carries a
 message written for the user: what is wrong, which file or key, what to do. ``main_guard`` prints it as
-one line ``error: ...`` and exits with status 2; anything else escaping is a bug and keeps its traceback.
+one line ``error: ...`` and exits with status 2; Ctrl-C is one line ``interrupted: ...`` and status 130;
+anything else escaping is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ def guarded(main: Callable[[], Any]) -> int:
     ``error: ...`` on stderr and the return value 2. Set TRACEBACK=1 to see the stack instead."""
     try:
         code = main()
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the script's own, when it says what to do), status 130
+        if os.environ.get("TRACEBACK"):
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        print(f"interrupted: {e}" if str(e) else "interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except (UserError, OSError) as e:
         if os.environ.get("TRACEBACK") or (isinstance(e, OSError) and not _path_error(e)):
             raise

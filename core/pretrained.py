@@ -18,7 +18,10 @@ idiom (``core.config.from_dict``: unknown keys and wrong types raise). The folde
 usual layout, so ``huggingface_hub.upload_folder`` can push one as is.
 
 Loading is strict: a missing, extra or wrongly shaped tensor, a file that is not safetensors, or a
-config of another kind is one ``CheckpointError`` line naming the folder.
+config of another kind is one ``CheckpointError`` line naming the folder. model.safetensors carries the
+``content_sha256`` of its tensors in its metadata, checked on load: flipped bytes are refused, not
+sampled from (exports written before the hash load unchecked); so are weights that are not finite.
+Exported files are readable by everyone (0644), like any file a user shares.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from core.checkpoint import FORMAT, CheckpointError, file_sha256
+from core.checkpoint import FORMAT, CheckpointError, content_sha256, file_sha256, non_finite
 from core.config import ConfigError, from_dict, to_dict
 from core.files import write_json
 
@@ -80,14 +83,21 @@ def read_config(folder: str | os.PathLike, kind: str) -> dict[str, Any]:
 
 def load_strict(module: nn.Module, folder: str | os.PathLike) -> None:
     """Load ``folder``/model.safetensors into ``module``: every tensor present, none extra, shapes equal."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(folder) / WEIGHTS
     try:
         state = load_file(path)
+        with safe_open(path, "pt") as f:
+            written = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: not a safetensors file ({str(e)[:120]})") from None
+    if written is not None and content_sha256(dict(sorted(state.items()))) != written:
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the sha256 written with them (damaged on "
+                              f"disk or in a copy); export again from the checkpoint")
+    if bad := non_finite(state):
+        raise CheckpointError(f"{path}: the weights are not finite ({bad}); refused")
     expected = tensor_state(module)
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -119,7 +129,10 @@ class Pretrained:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{WEIGHTS}.tmp"
-        save_file(tensor_state(self), str(tmp), metadata={"format": FORMAT, "kind": self.kind})
+        state = tensor_state(self)
+        save_file(state, str(tmp), metadata={"format": FORMAT, "kind": self.kind,
+                                             "sha256": content_sha256(dict(sorted(state.items())))})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600: a shared folder must be readable
         os.replace(tmp, folder / WEIGHTS)
         write_json(folder / CONFIG, {"format": FORMAT, "kind": self.kind, "export_version": EXPORT_VERSION,
                                      "model": to_dict(self.cfg), **info})

@@ -32,6 +32,25 @@ def process_state() -> Any:
     return PartialState(cpu=multi_cpu())
 
 
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device ``name`` names, or one UserError line: not a device, or one this machine lacks."""
+    from core.errors import UserError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{flag} {name!r} is not a device; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name}: CUDA is not available on this machine (torch {torch.__version__}); "
+                        f"use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda") and not getattr(getattr(torch.backends, device.type, None),
+                                                          "is_available", lambda: False)():
+        raise UserError(f"{flag} {name}: not available on this machine; use {flag} cpu")
+    return device
+
+
 def shard_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[range]:
     """The index ranges of the batches of ``n`` items that process ``rank`` of ``world`` takes, in order."""
     starts = range(rank * batch_size, n, world * batch_size)

@@ -156,7 +156,8 @@ class ImageDataset(Dataset):
     def _record_bad(self, i: int, err: BadImageError) -> None:
         self._bad.add(i)
         self.skipped.append(SkippedFile(i, err.path, err.reason))
-        logger.warning("skipping bad image %s: %s", err.path, err.reason)
+        logger.warning("skipping bad image %s: %s (the next readable image takes its place: that image counts "
+                       "twice per epoch)", err.path, err.reason)
 
     def _load_or_substitute(self, i: int) -> tuple[int, torch.Tensor]:
         n = len(self.source)

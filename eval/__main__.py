@@ -3,6 +3,7 @@
     python -m eval ref   --data PATH [--split val --resolution 64 --crop 140] --out refs/celeba64_val.npz
     python -m eval ref   --images DIR_OR_NPZ --out refs/mine.npz
     python -m eval score SAMPLES --ref refs/celeba64_val.npz [--metrics auto|fid,kid,swd] [--ref-images DIR]
+    python -m eval score SAMPLES --metrics swd --ref-images PHOTOS --ref-resize   # offline, any photo folder
     python -m eval gen   --tokenizer TOK.pt --maskgit MG.pt --n 10000 --ref refs/celeba64_val.npz
     python -m eval rfid  --tokenizer TOK.pt --data PATH [--split val]
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from core.errors import guarded
+from core.processes import check_device
 from eval.errors import EvalError
 from eval.images import open_images
 from eval.inception import InceptionExtractor, WeightsInfo, find_weights, verify_weights
@@ -127,7 +129,7 @@ def _swd_config(args: argparse.Namespace) -> SWDConfig:
 def _swd_reference_batches(args, reference, resolution: int):
     """Reference *images* for SWD: --ref-images, else the set the reference statistics came from."""
     if args.ref_images:
-        return open_images(args.ref_images, resolution).batches(args.batch_size)
+        return open_images(args.ref_images, resolution, resize=args.ref_resize).batches(args.batch_size)
     if reference is None:
         return None
     source = str(reference.protocol["source"])
@@ -148,8 +150,14 @@ def _samples_record(folder: str, count: int) -> dict | None:
     """sample.py's record of what made the images in ``folder`` (None if absent); its count must match."""
     path = Path(folder) / SAMPLES_RECORD
     if not path.is_file():
+        if Path(folder).is_dir():
+            warnings.warn(f"{folder} has no {SAMPLES_RECORD}: not written by sample.py (or by an interrupted one, "
+                          f"before records were kept); it is scored as it is, {count} images", stacklevel=2)
         return None
     record = json.loads(path.read_text())
+    if record.get("complete") is False:
+        raise EvalError(f"{folder} is an unfinished sampling ({count} of {record.get('count')} images; sample.py was "
+                        f"interrupted): run the same sample.py command again to finish it, then score")
     if record.get("count") != count:
         raise EvalError(f"{folder} holds {count} images but {path} records {record.get('count')} samples: "
                         f"leftovers from another run? Re-sample into an empty folder")
@@ -210,8 +218,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                           swd_reference=swd_batches, swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=images.count,
                           progress=True, protocol={"input": images.describe(), "reference_file": args.ref,
-                                                   "reference_images": args.ref_images, "sampled": sampled,
-                                                   "command": sys.argv})
+                                                   "reference_images": args.ref_images,
+                                                   "reference_resized": args.ref_resize, "sampled": sampled,
+                                                   "command": args.command_line})
     return _finish(args, f"score_{Path(args.input).stem}", result)
 
 
@@ -234,7 +243,7 @@ def cmd_gen(args: argparse.Namespace) -> int:
                           swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
                           keep_features=args.keep_features, total=args.n, progress=True,
                           protocol={"checkpoints": {"tokenizer": args.tokenizer, "maskgit": args.maskgit},
-                                    "sampling": sampling, "reference_file": args.ref, "command": sys.argv})
+                                    "sampling": sampling, "reference_file": args.ref, "command": args.command_line})
     if result.protocol["samples"]["count"] != args.n and metrics & INCEPTION_METRICS:
         raise EvalError(f"gen: the sampler yielded {result.protocol['samples']['count']} images, asked for {args.n}")
     return _finish(args, f"gen_{Path(args.maskgit).stem}_n{args.n}", result)
@@ -265,7 +274,7 @@ def cmd_rfid(args: argparse.Namespace) -> int:
                                    kid_kwargs=_kid_kwargs(args), keep_features=args.keep_features,
                                    total=n, progress=True,
                                    protocol={"checkpoints": {"tokenizer": args.tokenizer, "ema": not args.raw_weights},
-                                             **data, "command": sys.argv})
+                                             **data, "command": args.command_line})
     return _finish(args, f"rfid_{Path(args.tokenizer).stem}_{args.split}", result)
 
 
@@ -289,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="folder of PNG/JPG images or .npz of uint8 NHWC/NCHW images")
     p.add_argument("--ref", help="reference statistics .npz from `ref`")
     p.add_argument("--ref-images", help="reference images (folder / .npz) for SWD")
+    p.add_argument("--ref-resize", action="store_true",
+                   help="--ref-images is a folder of photos of any size: centre-crop and resize each to the "
+                        "samples' resolution, as the training images are")
     _add_weights_flags(p)
     _add_score_flags(p, "score_<input>")
     p.add_argument("--num-workers", type=int, default=2, help="workers for reading the reference dataset (SWD)")
@@ -303,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-batch-size", type=int, default=100)
     p.add_argument("--ref", help="reference statistics .npz (required unless --metrics swd with --ref-images)")
     p.add_argument("--ref-images", help="reference images (folder / .npz) for SWD")
+    p.add_argument("--ref-resize", action="store_true",
+                   help="--ref-images is a folder of photos of any size: centre-crop and resize each to the "
+                        "samples' resolution, as the training images are")
     _add_weights_flags(p)
     _add_score_flags(p, "gen_<maskgit>_n<N>")
     p.add_argument("--num-workers", type=int, default=2)
@@ -326,6 +341,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # what the user ran, as they would type it again: not the path of this file on this machine
+    args.command_line = ["python", "-m", "eval", *(sys.argv[1:] if argv is None else argv)]
     return guarded(lambda: _check_outputs(args) or args.func(args))
 
 
@@ -334,8 +351,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     report_dir = getattr(args, "report_dir", None)
     if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
         raise EvalError(f"--report-dir {report_dir} exists and is not a directory")
-    if getattr(args, "n", 1) < 1:
-        raise EvalError(f"--n must be >= 1, got {args.n}")
+    for name in ("n", "batch_size", "gen_batch_size", "swd_max_images", "kid_subsets", "kid_subset_size"):
+        if getattr(args, name, 1) < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "device", None):
+        check_device(args.device)
 
 
 if __name__ == "__main__":

@@ -87,14 +87,19 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _load_uint8(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Decode one file to uint8 (3, H, W), refusing any size other than ``size`` = (H, W)."""
+def _load_uint8(path: Path, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+    """Decode one file to uint8 (3, H, W), refusing any size other than ``size`` = (H, W); with ``resize``,
+    centre-cropped to a square and resized to ``size`` as the training images are (data.preprocess_uint8)."""
     from data.images import BadImageError, load_rgb  # the reference images' own loader
 
     try:
         img = load_rgb(path)
     except BadImageError as e:
         raise ImageInputError(str(e)) from None
+    if resize:
+        from data import preprocess_uint8
+
+        return preprocess_uint8(img, size[0], None)
     if (img.height, img.width) != size:
         raise ImageInputError(
             f"{path}: image is {img.width}x{img.height}, expected {size[1]}x{size[0]} "
@@ -123,6 +128,7 @@ class ImageSet:
     width: int
     files: list[Path] | None = None
     array: np.ndarray | None = None  # (N, 3, H, W) uint8 (a view; NHWC files are transposed lazily)
+    resize: bool = False  # files of any size, centre-cropped and resized to height x width when read
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Yield uint8 ``(B, 3, H, W)`` batches in file (sorted name) or array order."""
@@ -131,11 +137,15 @@ class ImageSet:
                 yield torch.from_numpy(np.ascontiguousarray(self.array[start:start + batch_size]))
             else:
                 chunk = self.files[start:start + batch_size]
-                yield torch.stack([_load_uint8(p, (self.height, self.width)) for p in chunk])
+                yield torch.stack([_load_uint8(p, (self.height, self.width), self.resize) for p in chunk])
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.path, "count": self.count,
-                "resolution": [self.height, self.width]}
+                "resolution": [self.height, self.width],
+                **({"preprocessing": RESIZE_DESCRIPTION} if self.resize else {})}
+
+
+RESIZE_DESCRIPTION = "centre crop to a square, bicubic antialiased resize (data.preprocess_uint8, as the training images)"
 
 
 def open_folder(folder: str | os.PathLike, resolution: int | None = None) -> ImageSet:
@@ -186,9 +196,16 @@ def open_npz(path: str | os.PathLike, resolution: int | None = None) -> ImageSet
     return ImageSet("npz", str(path.resolve()), int(arr.shape[0]), int(height), int(width), array=arr)
 
 
-def open_images(path: str | os.PathLike, resolution: int | None = None) -> ImageSet:
-    """A folder of PNG/JPG files or an ``.npz`` file, decided by what ``path`` is."""
+def open_images(path: str | os.PathLike, resolution: int | None = None, resize: bool = False) -> ImageSet:
+    """A folder of PNG/JPG files or an ``.npz`` file, decided by what ``path`` is. ``resize``: a folder of
+    images of any size, read centre-cropped and resized to ``resolution`` (real photos as a reference)."""
     path = Path(path)
+    if resize:
+        if not path.is_dir() or resolution is None:
+            raise ImageInputError(f"{path}: resizing reference images needs a folder of images and a resolution")
+        files = list_image_files(path)
+        return ImageSet("folder", str(path.resolve()), len(files), int(resolution), int(resolution), files=files,
+                        resize=True)
     if path.is_dir():
         return open_folder(path, resolution)
     if path.suffix.lower() == ".npz":

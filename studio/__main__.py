@@ -8,6 +8,7 @@ import torch
 
 from core.errors import UserError, main_guard
 from core.pretrained import is_export
+from core.processes import check_device
 from studio.engine import Engine
 from studio.server import StudioServer
 
@@ -42,9 +43,12 @@ def main() -> None:
         p.error("give --run or --tokenizer/--maskgit, not both")
     if not args.run and not (args.tokenizer and args.maskgit):
         p.error("give --run RUN_DIR, or both --tokenizer and --maskgit")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must lie in [0, 65535] (0: any free port), got {args.port}")
+    device = check_device(args.device)
     tokenizer, maskgit = model_paths(args.run, args.tokenizer, args.maskgit)
 
-    engine = Engine.from_paths(tokenizer, maskgit, ema=not args.raw_weights, device=args.device)
+    engine = Engine.from_paths(tokenizer, maskgit, ema=not args.raw_weights, device=device)
     try:
         server = StudioServer(engine, args.host, args.port)
     except OSError as e:

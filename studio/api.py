@@ -30,6 +30,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from core.errors import UserError
 from data import preprocess_uint8, to_rgb
+from transformer.pipeline import DECODE_RANGES, check_decode_settings
 
 MAX_SAMPLES = 16
 MAX_STEPS = 64
@@ -122,17 +123,25 @@ def _object(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 def _sampling(fields: dict[str, Any], info: ModelInfo, n: int) -> Sampling:
     attrs = _attrs(fields.get("attrs"), info)
-    cfg = _float(fields, "cfg", 0.0, 0.0, 20.0)
+    cfg = _float(fields, "cfg", 0.0, *DECODE_RANGES["cfg_scale"])
     if cfg > 0 and attrs is None:
         raise RequestError("cfg > 0 needs 'attrs': guidance pushes the samples towards a condition")
     top_k = fields.get("top_k")
     if top_k is not None:
         top_k = _int(fields, "top_k", None, 1, info.num_codes)
-    return Sampling(n=n, seed=_int(fields, "seed", 0, 0, 2**63 - 1),
-                    steps=_int(fields, "steps", info.default_steps, 1, MAX_STEPS),
-                    temperature=_float(fields, "temperature", 1.0, 0.0, 10.0),
-                    choice_temperature=_float(fields, "choice_temperature", 4.5, 0.0, 50.0),
-                    top_k=top_k, cfg=cfg, attrs=attrs)
+    sampling = Sampling(n=n, seed=_int(fields, "seed", 0, 0, 2**63 - 1),
+                        steps=_int(fields, "steps", info.default_steps, 1, MAX_STEPS),
+                        temperature=_float(fields, "temperature", 1.0, *DECODE_RANGES["temperature"]),
+                        choice_temperature=_float(fields, "choice_temperature", 4.5,
+                                                  *DECODE_RANGES["choice_temperature"]),
+                        top_k=top_k, cfg=cfg, attrs=attrs)
+    try:  # the one check every front-end shares (sample.py, eval gen): e.g. no more steps than tokens
+        check_decode_settings({"steps": sampling.steps, "temperature": sampling.temperature, "cfg_scale": cfg,
+                               "choice_temperature": sampling.choice_temperature, "top_k": top_k},
+                              info.grid, info.num_codes, flag=lambda name: "cfg" if name == "cfg_scale" else name)
+    except UserError as e:
+        raise RequestError(str(e)) from None
+    return sampling
 
 
 def _int(fields: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:

@@ -38,6 +38,7 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 class StudioServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: the default 5 reset connections of a burst of requests
 
     def __init__(self, engine: Engine, host: str, port: int, quiet: bool = False) -> None:
         self.engine, self.quiet = engine, quiet
@@ -86,12 +87,36 @@ class StudioHandler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(e).__name__}: {e}"})
 
+    def do_HEAD(self) -> None:  # a HEAD answer has no body: the status and headers say it
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"", "application/json", body_allowed=False)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # a body it may have sent is not read
+        self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {self.command} is not allowed: GET the page "
+                                                            f"and /api/info, POST /api/generate and /api/edit"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (an unknown method, a malformed request line, ...) as JSON too."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = ""
+        body = code >= 200 and code not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED) and self.command != "HEAD"
+        self._send(code, json.dumps({"error": message or phrase}).encode(), "application/json", body_allowed=body)
+
     def _read_json(self) -> Any:
         if self.headers.get_content_type() != "application/json":
             raise RequestError("send the request as Content-Type: application/json", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None:
             raise RequestError("a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
+        if not length.strip().isdigit():
+            self.close_connection = True  # where the body ends is unknown
+            raise RequestError(f"Content-Length must be a number of bytes, got {length[:40]!r}")
+        length = length.strip()
         if int(length) > MAX_BODY:
             self._discard(int(length))
             raise RequestError(f"request of {int(length)} bytes is over the {MAX_BODY} byte limit",
@@ -101,6 +126,8 @@ class StudioHandler(BaseHTTPRequestHandler):
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("JSON nested too deeply: the requests are flat objects") from None
 
     def _discard(self, length: int) -> None:
         """Read a refused body in chunks, so the client gets its answer instead of a reset connection."""
@@ -122,15 +149,20 @@ class StudioHandler(BaseHTTPRequestHandler):
     def _json(self, status: int, obj: Any) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(self, status: int, body: bytes, content_type: str, body_allowed: bool = True) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Content-Type-Options", "nosniff")
+        if status == HTTPStatus.METHOD_NOT_ALLOWED:
+            self.send_header("Allow", "GET, POST")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if body_allowed:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:

@@ -212,6 +212,7 @@ def test_messy_folder_exact_used_and_skipped(messy_folder, caplog):
     assert [Path(p).name for p in ds.upsampled] == ["tiny.png"]
     lines = [r.getMessage() for r in caplog.records if "skipping bad image" in r.getMessage()]
     assert len(lines) == len(BAD) and all("\n" not in line for line in lines)
+    assert all("takes its place: that image counts twice per epoch" in line for line in lines)  # said, not silent
     for i in range(len(ds)):  # a second pass neither re-warns nor re-records
         ds[i]
     assert ds.num_skipped == len(BAD)

@@ -120,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-1000:]
+    assert proc.returncode == 143, err[-1000:]  # 128 + SIGTERM: an interrupted run is not a success
     assert "SIGTERM: checkpoint saved" in err + _
     assert load_checkpoint(run / "checkpoint.pt")["step"] >= 1
 
@@ -320,6 +320,6 @@ def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(tmp_path):
     rank1 = next(int(c) for c in children if b"LOCAL_RANK=1" in open(f"/proc/{c}/environ", "rb").read().split(b"\0"))
     os.kill(rank1, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode != 0 and "checkpoint saved" in err, err[-2000:]  # stopped, not finished
     replicas = json.loads((run / "replicas.json").read_text())
     assert len(set(replicas["checksums"])) == 1 and load_checkpoint(run / "checkpoint.pt")["step"] == replicas["step"]

@@ -294,3 +294,66 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         assert page.get_attribute("#download", "href") == before_url
         browser.close()
     assert not problems, problems
+
+
+# --- issue 26: a studio that holds under load; every refusal is JSON ---------------------------------------
+
+LOAD_CLIENTS, LOAD_REQUESTS = 20, 100  # parallel clients, requests in all (each on its own connection)
+
+
+def test_a_burst_of_parallel_requests_is_answered_every_time(server):
+    assert server.request_queue_size >= 128  # the listen backlog (the default 5 reset connections of a burst)
+    barrier = threading.Barrier(LOAD_CLIENTS)
+    statuses, failures = [], []
+
+    def client(k):
+        barrier.wait()  # all at once
+        for j in range(LOAD_REQUESTS // LOAD_CLIENTS):
+            try:
+                statuses.append(post(server, "/api/generate", {"n": 1, "steps": 1, "seed": k * 100 + j})[0])
+            except OSError as e:  # a reset or refused connection
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(LOAD_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures, failures[:3]
+    assert statuses == [200] * LOAD_REQUESTS  # every request answered, and answered well
+    assert post(server, "/api/generate", {"n": 1, "steps": 1})[0] == 200  # and the server is still there
+
+
+def _raw(server, method, path="/api/generate", body=None, headers=None):
+    import http.client
+
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+STUDIO_BAD_REQUESTS = 9
+
+
+def test_odd_methods_deep_json_and_bad_lengths_are_json_refusals(server):
+    cases = 0
+    for method in ("OPTIONS", "PUT", "DELETE", "PATCH", "FOO"):
+        status, kind, body = _raw(server, method, body=b"{}")
+        assert status in (405, 501) and kind == "application/json" and "error" in json.loads(body), (method, body)
+        cases += 1
+    status, kind, body = _raw(server, "HEAD", "/")
+    assert status == 405 and kind == "application/json" and body == b""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, _, body = _raw(server, "POST", body=deep)
+    assert status == 400 and "nested too deeply" in json.loads(body)["error"]
+    for length in ("abc", "-5"):
+        status, _, body = _raw(server, "POST", body=b"{}", headers={"Content-Length": length})
+        assert status == 400 and "Content-Length must be a number of bytes" in json.loads(body)["error"], body
+    cases += 4
+    assert cases == STUDIO_BAD_REQUESTS
+    assert post(server, "/api/generate", {"n": 1, "steps": 1})[0] == 200

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.checkpoint import load_checkpoint, non_finite, rng_state, save_checkpoint, set_rng_state
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
@@ -96,7 +97,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def open_run(args: argparse.Namespace, kind: str) -> tuple[Path, dict[str, Any] | None]:
     """The run directory (created, writable) and, with --resume, its checkpoint. A directory that
     holds a checkpoint is never reset silently: without --resume it is refused unless --overwrite."""
-    run_dir = prepare_run_dir(args.run_dir)
+    run_dir = prepare_run_dir(args.run_dir, owner=args)
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         return run_dir, None
@@ -108,8 +109,10 @@ def open_run(args: argparse.Namespace, kind: str) -> tuple[Path, dict[str, Any] 
     return run_dir, None
 
 
-def prepare_run_dir(path: str | os.PathLike) -> Path:
-    """Create the run directory and prove it is writable now, not at the first checkpoint hours later."""
+def prepare_run_dir(path: str | os.PathLike, owner: Any = None) -> Path:
+    """Create the run directory and prove it is writable now, not at the first checkpoint hours later.
+    With ``owner`` (the run's parsed arguments) the directory is first locked for this process
+    (``RunLock``, kept as ``owner.run_lock``), so another run cannot write into it meanwhile."""
     run_dir = Path(path)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +120,49 @@ def prepare_run_dir(path: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise RunError(f"run directory {run_dir} is not writable: {e.strerror or e}") from None
+    if owner is not None:
+        owner.run_lock = RunLock(run_dir)  # before the clean-up below: another run's temp files are its own
     for stale in run_dir.glob(".*.tmp"):  # atomic writes cut short by a kill: the targets are intact
         stale.unlink(missing_ok=True)
     return run_dir
+
+
+class RunLock:
+    """One writer per run directory: an exclusive ``flock`` on RUN/.lock, which names its holder (pid, host,
+    start time, command). The kernel drops the lock when its process ends, however it ends (a return, an
+    error, kill -9), so a lock file left by a dead process is free again: nothing stale to delete by hand.
+    Released when this object goes (the run's ``main`` returns) or with ``release``. Under a launcher only
+    the first process (RANK 0) takes it: the others are the same run."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.file = None
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        f = open(run_dir / self.NAME, "a+")  # noqa: SIM115 - held open as long as the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not yet written its name"
+            f.close()
+            raise RunError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                           f"or choose another --run-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:200]}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()  # closing the file drops the flock
+
+    __del__ = release
 
 
 class JsonlLog:
@@ -177,18 +220,25 @@ class MetricWindow:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits.
-    ``agreed`` makes the decision together: a signal to one process stops them all at the same step."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits with
+    ``exit_status`` (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), never 0, so that
+    ``train && next_stage`` and make stop at an unfinished model. ``agreed`` makes the decision
+    together: a signal to one process stops them all at the same step."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
+        self.signum = signal.SIGTERM  # a stop decided on another process ends this one as terminated
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested, self.signum = signal.Signals(signum).name, signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
 
     def agreed(self, device: torch.device) -> bool:
         if all_ranks_any(self.requested is not None, device) and self.requested is None:
@@ -246,10 +296,8 @@ class TrainState:
         Non-finite weights are refused, so checkpoint.pt is always the last good one."""
         sums = check_replicas(accelerator, self.model)  # every process must hold the same weights and codebook
         for name, module in (("weights", self.model), ("EMA weights", self.ema.model)):
-            bad = [k for k, t in module.state_dict().items()
-                   if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
-            if bad:
-                raise RunError(f"step {self.step}: the {name} are not finite ({', '.join(bad[:3])}); not saved, the "
+            if bad := non_finite(module.state_dict()):
+                raise RunError(f"step {self.step}: the {name} are not finite ({bad}); not saved, the "
                                f"checkpoint in {run_dir} is the last good one: lower the learning rate, then --resume")
         if accelerator.is_main_process:
             write_json(run_dir / "replicas.json", {"step": self.step, "processes": accelerator.num_processes,

@@ -13,7 +13,7 @@ The tokenizer decodes with the weights (raw or EMA) that encoded the codes MaskG
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,8 @@ def export_models(tokenizer_path: str, maskgit_path: str | None, out: str, ema: 
         tokenizer, model, meta = load_models(tokenizer_path, maskgit_path, ema=ema)
         identity = {"sha256": meta["tokenizer_sha256"], "weights": meta.get("tokenizer_weights", "ema")}
         provenance = {k: v for k, v in meta.items() if k not in ("config", "codes")}  # no local data paths
+        tok = Path(provenance.get("tokenizer", ""))
+        provenance["tokenizer"] = str(Path(tok.parent.name) / tok.name)  # its name, not the machine's layout
         written["maskgit"] = model.save_pretrained(
             out_dir / "maskgit", masking=meta["config"]["masking"], meta=provenance,
             source={"step": load_checkpoint(maskgit_path)["step"], "weights": "ema" if ema else "raw",
@@ -152,6 +154,32 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attrs", default=None, help="conditioning of an attribute model, e.g. smiling=1,glasses=0")
 
 
+# What every front-end accepts (sample.py, python -m eval gen, the studio): one definition of the ranges.
+DECODE_RANGES = {"temperature": (0.0, 10.0), "temperature_end": (0.0, 10.0), "choice_temperature": (0.0, 50.0),
+                 "cfg_scale": (0.0, 20.0), "cfg_power": (0.01, 20.0)}
+
+
+def check_decode_settings(settings: dict[str, Any], grid: tuple[int, int] | list[int], num_codes: int,
+                          flag: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> dict[str, Any]:
+    """Refuse, with one line naming the setting (``flag(name)``: how this front-end spells it), decoding
+    settings outside what a model of this ``grid`` and ``num_codes`` can use: steps in [1, tokens] (each
+    step fixes at least one token, so more only repeat the model's work), finite temperatures and guidance
+    within DECODE_RANGES, top_k in [1, num_codes]. Returns ``settings``."""
+    tokens = int(np.prod(grid))
+    steps = settings.get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= tokens:
+        raise UserError(f"{flag('steps')} must lie in [1, {tokens}] (this model's {grid[0]}x{grid[1]} tokens; each "
+                        f"step fixes at least one), got {steps}")
+    for name, (lo, hi) in DECODE_RANGES.items():
+        value = settings.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and lo <= value <= hi):  # NaN fails too
+            raise UserError(f"{flag(name)} must lie in [{lo:g}, {hi:g}], got {value}")
+    top_k = settings.get("top_k")
+    if top_k is not None and not 1 <= top_k <= num_codes:
+        raise UserError(f"{flag('top_k')} must lie in [1, {num_codes}] (the codebook size), got {top_k}")
+    return settings
+
+
 def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     """decode_settings from the flags of add_decode_flags, checked before any sampling."""
     settings = decode_settings(meta["config"], steps=args.steps, schedule=args.schedule, top_k=args.top_k,
@@ -159,8 +187,9 @@ def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[s
                                cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_power=args.cfg_power,
                                order=args.order, temperature_end=args.temperature_end,
                                choice_schedule=args.choice_schedule)
-    if settings["steps"] < 1:
-        raise UserError(f"--steps must be >= 1, got {settings['steps']}")
+    model = meta["config"]["model"]
+    check_decode_settings(settings, model["grid"], model["num_codes"], flag=lambda name: {
+        "cfg_scale": "--cfg"}.get(name, "--" + name.replace("_", "-")))
     if settings.get("cfg_scale") and not args.attrs:
         raise UserError("--cfg needs a condition: give --attrs (guidance moves samples towards a condition)")
     return settings
@@ -233,7 +262,8 @@ def image_generator(seed: int, index: int, device: str | torch.device = "cpu") -
 def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: int, steps: int = 8,
              attrs: torch.Tensor | None = None, init: torch.Tensor | None = None,
              init_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None, progress: bool = True,
-             shard: tuple[int, int] = (0, 1), **decode_kwargs: Any) -> Iterator[torch.Tensor]:
+             shard: tuple[int, int] = (0, 1), only: Callable[[range], bool] | None = None,
+             **decode_kwargs: Any) -> Iterator[torch.Tensor]:
     """Yield uint8 image batches (B, 3, H, W) of images 0..n-1, in batches [0, B), [B, 2B), ...
 
     Image i draws its random numbers from its own generator, ``image_generator(seed, i)``, so it is the
@@ -242,10 +272,11 @@ def generate(tokenizer: VQModel, model: MaskGIT, n: int, batch_size: int, seed: 
     batches as with one process. attrs: (A,) one condition for every sample, or (n, A) one per sample.
     init / init_mask: (1, N) tokens to keep and positions to regenerate (inpainting); keep: (3, R, R) uint8,
     the picture whose pixels outside the regenerated tokens are returned unchanged (``keep_outside``).
-    decode_kwargs go to maskgit_decode."""
+    decode_kwargs go to maskgit_decode. only: keep the batches it is True for (sample.py resuming: the
+    batches not yet written); each batch is the same as without it."""
     device = next(model.parameters()).device
     h, w = tokenizer.grid
-    batches = shard_batches(n, batch_size, *shard)
+    batches = [idx for idx in shard_batches(n, batch_size, *shard) if only is None or only(idx)]
     with tqdm(total=sum(map(len, batches)), desc="sampling", disable=not progress) as bar:
         for idx in batches:
             b = len(idx)
