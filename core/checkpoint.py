@@ -22,6 +22,7 @@ that are not finite are refused on load too. (Checkpoints written before the has
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 import random
