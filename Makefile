@@ -149,5 +149,5 @@ ladder: $(STAMP)
 # Samplers x decoding steps on the run's trained models, SWD against held-out images REF_IMAGES (a folder
 # at the model's resolution), settings chosen on one half of them and reported on the other.
 decoding: $(STAMP)
-	$(if $(REF_IMAGES),,$(error REF_IMAGES is not set: give REF_IMAGES=/path/to/held-out/images at the model's resolution))
+	@test -n "$(REF_IMAGES)" || { echo "REF_IMAGES is not set: give REF_IMAGES=/path/to/held-out/images at the model's resolution" >&2; exit 2; }
 	$(PY) bench/decoding.py --tokenizer $(TOK) --maskgit $(MG) --ref-images $(REF_IMAGES) --out $(RUN)/decoding $(DECODING_ARGS)

@@ -509,16 +509,19 @@ def main() -> None:
             recorded = record["runs"].get(rung, {}).get(key)
             if a.report_only and not finished and recorded is None:
                 continue
+            ran_here = False
             if finished:
                 r = collect(d)
             elif recorded is not None:  # finished in an earlier session or on another machine
                 r = recorded
             else:
-                r = one_run(rung, seed, folder, s, a, metrics, ref)
+                r, ran_here = one_run(rung, seed, folder, s, a, metrics, ref), True
             if r is None:
                 continue
             if record_path is not None and recorded is None:
-                add_to_record(record_path, record, rung, key, {**r, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")})
+                # a run this process did not make (found finished in its directory) may come from another checkout
+                commit = git_commit() if ran_here else "unknown (collected from its run directory)"
+                add_to_record(record_path, record, rung, key, {**r, "commit": commit, "date": time.strftime("%Y-%m-%d")})
             results[rung][key] = r
             print(f"[{rung} seed {seed}] PSNR {r['psnr']:.2f} dB, perplexity {r['perplexity']:.1f}, codes used "
                   f"{r['codes_used']:.1%}, masked acc {r['masked_accuracy']:.3f}, generation SWD {r['swd']:.2f}",

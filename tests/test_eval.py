@@ -405,8 +405,8 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
     reference_images = torch.cat(list(open_folder(a).batches(N)))  # (N, 3, RES, RES) uint8
 
     def load_models(tokenizer_ckpt, maskgit_ckpt, ema, device):
-        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"config": {"masking": {"schedule": "arccos",
-                                                                                             "sample_steps": 5}}}
+        return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"config": {
+            "masking": {"schedule": "arccos", "sample_steps": 5}, "model": {"grid": [4, 4], "num_codes": 16}}}
 
     def generate(tok, model, n, batch_size, seed, attrs, progress, steps, schedule):
         assert (tok, model, n, seed, attrs, steps, schedule) == ("model:tok.pt", "model:mg.pt", N, 3, None, 5, "arccos")

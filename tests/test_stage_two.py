@@ -90,10 +90,12 @@ def test_refusals(tiny_runs, tmp_path):
                      tmp_path / "y.png", "--attrs", "smiling=1", check=False)
     assert out.returncode == 2 and "without attribute conditioning" in out.stderr
     # a stale code file: another tokenizer (different bytes) than the one the codes were made with
+    from core.checkpoint import load_checkpoint, save_checkpoint
+
     other = tmp_path / "other.pt"
-    ckpt = torch.load(tok, weights_only=True)
+    ckpt = load_checkpoint(tok)
     ckpt["step"] += 1
-    torch.save(ckpt, other)
+    save_checkpoint(other, ckpt)  # a consistent checkpoint (its content hash rewritten), just not the codes' one
     out = run_script(ROOT / "train_maskgit.py", "--run-dir", tmp_path / "stale", "--codes", codes, "--tokenizer", other,
                      "optim.steps=1", check=False)
     assert out.returncode == 2 and "stale code file" in out.stderr

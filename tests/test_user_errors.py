@@ -80,7 +80,7 @@ def test_bad_arguments_fail_before_the_work(entry, tiny_runs, tmp_path):
         ((*sample, "--num-images", "-5", "--out-dir", tmp_path / "s"), "--num-images must be >= 0"),
         ((*sample, "--grid", tmp_path / "g.png", "--grid-size", "0"), "--grid-size must be >= 1"),
         ((*sample, "--num-images", "2", "--out-dir", a_file), "not a directory"),
-        ((*sample, "--grid", tmp_path / "g.png", "--steps", "0"), "--steps must be >= 1"),
+        ((*sample, "--grid", tmp_path / "g.png", "--steps", "0"), "--steps must lie in [1, 64]"),
         ((*sample, "--grid", tmp_path / "g.png", "--cfg", "2"), "--cfg needs a condition"),
         (("eval", "score", tmp_path, "--metrics", "swd", "--ref-images", tmp_path, "--run-dir", a_file),
          "not a directory"),
