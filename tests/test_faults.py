@@ -399,8 +399,10 @@ def test_exports_are_readable_and_name_no_machine_path(tiny_runs, tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_refuses_a_run_path_with_spaces_in_one_line(tmp_path):
-    out = subprocess.run(["make", "-n", "report", f"RUN={tmp_path / 'my runs'}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}  # as from a shell,
+    # also when the suite itself runs under `make test` (a sub-make prints "Entering directory" lines)
+    out = subprocess.run(["make", "--no-print-directory", "-n", "report", f"RUN={tmp_path / 'my runs'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode != 0 and "must be one path without spaces" in out.stderr and not out.stdout, out.stderr
     assert out.stderr.strip().count("\n") == 0
 
