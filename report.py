@@ -24,7 +24,7 @@ from PIL import Image
 
 from core.config import from_dict
 from core.errors import main_guard
-from core.files import write_json, write_text
+from core.files import FINAL_METRICS, final_metrics_path, write_json, write_text
 from data import DataConfig, build_dataset
 from tokenizer import load_tokenizer
 from training.plots import plot_curves, plot_pca
@@ -67,9 +67,9 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def wall_time(stage: Path, last: str) -> str:
+def wall_time(stage: Path) -> str:
     """Wall time of a stage's last training session: config.json (written at start) to its final metrics file."""
-    start, end = stage / "config.json", stage / last
+    start, end = stage / "config.json", final_metrics_path(stage)
     return duration(end.stat().st_mtime - start.stat().st_mtime) if start.exists() and end.exists() else "—"
 
 
@@ -104,9 +104,9 @@ class Row:
 def build(run: Path) -> tuple[list[Figure], dict[str, list[Row]], dict[str, str], dict[str, Any]]:
     """(figures in display order, numbers by section, protocols by evaluation name, report_metrics)."""
     tok_log, mg_log = read_jsonl(run / "tokenizer" / "log.jsonl"), read_jsonl(run / "maskgit" / "log.jsonl")
-    tok_val, mg_val = read_json(run / "tokenizer" / "val_metrics.json"), read_json(run / "maskgit" / "train_metrics.json")
+    tok_val, mg_val = read_json(final_metrics_path(run / "tokenizer")), read_json(final_metrics_path(run / "maskgit"))
     if not tok_log or not tok_val:
-        raise RunError(f"{run}/tokenizer has no finished training run (log.jsonl, val_metrics.json)")
+        raise RunError(f"{run}/tokenizer has no finished training run (log.jsonl, {FINAL_METRICS})")
     plot_curves([("tokenizer loss", tok_log, "loss"), ("perplexity (batch)", tok_log, "perplexity"),
                  ("codes used (window)", tok_log, "window_codes_used")], run / "curves_tokenizer.png")
     if mg_log:
@@ -140,11 +140,11 @@ def build(run: Path) -> tuple[list[Figure], dict[str, list[Row]], dict[str, str]
         Row("codes used", f"{n_used} of {k_codes} ({n_used / k_codes:.0%})", "codes chosen at least once on the split"),
         Row("perplexity", f"{tok_val['perplexity']:.1f} of {k_codes}", "exp(entropy) of the code histogram; "
                                                                         "K = every code equally often"),
-        Row("training", f"{tok_steps:,} steps", f"wall time {wall_time(run / 'tokenizer', 'val_metrics.json')}"),
+        Row("training", f"{tok_steps:,} steps", f"wall time {wall_time(run / 'tokenizer')}"),
     ]}
     if mg_val:
         chance = 1 / k_codes
-        rows = [Row("training", f"{mg_val['step']:,} steps", f"wall time {wall_time(run / 'maskgit', 'train_metrics.json')}; "
+        rows = [Row("training", f"{mg_val['step']:,} steps", f"wall time {wall_time(run / 'maskgit')}; "
                                                              f"trained with the {decoding} (sampling default)")]
         if "val_accuracy" in mg_val:
             rows.insert(0, Row("masked-token accuracy", f"{mg_val['val_accuracy']:.3f}",

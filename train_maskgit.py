@@ -6,7 +6,7 @@
 
 Reads only the code files (the encoder never runs here); the tokenizer is loaded to decode the
 periodic sample grids. Writes config.json, log.jsonl, checkpoint.pt (atomic, self-describing: it
-names the tokenizer and its sha256), samples_*.png and train_metrics.json.
+names the tokenizer and its sha256), samples_*.png and final_metrics.json.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from core.checkpoint import file_sha256
 from core.config import to_dict
 from core.errors import main_guard
-from core.files import write_json
+from core.files import FINAL_METRICS, write_json
 from data.codes import CodeDataset, check_matches_tokenizer
 from tokenizer import load_tokenizer
 from training import tracking
@@ -201,7 +201,7 @@ def main() -> int | None:
         metrics = {"step": state.step, "weights": "ema"}
         if val_set is not None:
             metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
-        write_json(run_dir / "train_metrics.json", metrics)
+        write_json(run_dir / FINAL_METRICS, metrics)
         tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
         print(f"maskgit: step {state.step}{val} -> {run_dir}")

@@ -6,7 +6,7 @@
 
 Same code on CPU, one GPU and many GPUs (Accelerate). Writes to the run directory: config.json,
 data.json (split), log.jsonl, checkpoint.pt (atomic, self-describing), recon_*.png (originals above
-reconstructions, from a fixed validation batch), codebook_usage.png and val_metrics.json.
+reconstructions, from a fixed validation batch), codebook_usage.png and final_metrics.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from core.config import to_dict
 from core.errors import main_guard
-from core.files import write_json
+from core.files import FINAL_METRICS, write_json
 from data import build_dataset, seed_worker
 from tokenizer import VQModel
 from tokenizer.losses import TokenizerLoss
@@ -197,7 +197,7 @@ def main() -> int | None:
     if accelerator.is_main_process:
         metrics = evaluate(ema.model, val_set, cfg, accelerator.device)
         metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
-        write_json(run_dir / "val_metrics.json", metrics)
+        write_json(run_dir / FINAL_METRICS, metrics)
         tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",
                    title="codebook usage over the validation split (EMA weights)")

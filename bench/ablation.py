@@ -17,7 +17,7 @@ k-means++ init belongs to none of the five (``VQ_VARIANTS`` lists it only in "al
 
 Then, for each run: MSE and PSNR (images in [0, 1]), perplexity and the fraction of the codebook used
 come from the trainer's own final validation of its EMA weights over all 1,000 validation images
-(``val_metrics.json``, train_tokenizer.py's ``evaluate``); one more pass of the EMA weights over them
+(``final_metrics.json``, train_tokenizer.py's ``evaluate``); one more pass of the EMA weights over them
 gives SWD (eval/swd.py, Karras et al. 2018; x1e3, mean over the 64/32/16 levels) between the
 reconstructions and the originals. ``runs/ablation/codes_used.png`` plots
 ``window_codes_used`` from each log.jsonl: the fraction of codes used during the last ``log_every``
@@ -44,6 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import DEFAULT_DATA, ROOT, resolve_image_folder  # noqa: E402
 
+from core.files import final_metrics_path  # noqa: E402
 from data import DataConfig, build_dataset, to_uint8  # noqa: E402
 from eval.swd import SWDAccumulator, SWDConfig, swd_from_accumulators  # noqa: E402
 from tokenizer import VQ_VARIANTS, VQConfig, load_tokenizer  # noqa: E402
@@ -107,7 +108,7 @@ def read_log(run_dir: Path) -> list[dict]:
 
 def trainer_metrics(run_dir: Path, val_images: int) -> dict:
     """MSE, PSNR, perplexity and codes used from the trainer's final validation (EMA weights, whole split)."""
-    path = run_dir / "val_metrics.json"
+    path = final_metrics_path(run_dir)
     metrics = {k: v for k, v in json.loads(path.read_text()).items() if k != "usage_counts"} if path.exists() else {}
     if metrics.get("val_images") != val_images:  # e.g. --eval-only on a run trained with log.val_batches > 0
         raise SystemExit(f"{path}: covers {metrics.get('val_images')} validation images, not all {val_images}; "

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from common import ROOT
 
+from core.files import FINAL_METRICS
+
 KINDS = {"vector": ["model.vq.kind=vector"], "group": ["model.vq.kind=group", "model.vq.groups=2"],
          "residual": ["model.vq.kind=residual", "model.vq.groups=2", "model.vq.cb_norm=none"],
          "fsq": ["model.vq.kind=fsq"], "lfq": ["model.vq.kind=lfq"], "simvq": ["model.vq.kind=simvq"]}
@@ -32,7 +34,7 @@ GOALS = {"codes_used": ("relative", 0.01), "perplexity": ("relative", 0.01), "ps
 
 def train(kind: str, precision: str, seed: int, a: argparse.Namespace) -> dict:
     run = Path(a.out) / kind / precision / f"seed{seed}"
-    metrics = run / "val_metrics.json"
+    metrics = run / FINAL_METRICS
     if not metrics.exists():
         extra = PLAIN if kind in ("fsq", "lfq", "simvq") else []
         cmd = [sys.executable, str(ROOT / "train_tokenizer.py"), "--preset", "tiny", "--run-dir", str(run),

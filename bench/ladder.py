@@ -59,6 +59,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import DEFAULT_DATA, ROOT, resolve_image_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from core.files import final_metrics_path  # noqa: E402
 from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402
 
 RUNGS = ["l2_replace", "baseline", "all", "seed_recipe", "opt_commit", "opt", "opt_renorm", "affine", "opt_affine"]
@@ -92,9 +93,8 @@ SETTINGS = {
                      reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=[]),
     "gpu64": dict(resolution=64, tok_preset="celeba64", mg_preset="celeba64", tok_steps=20_000, mg_steps=40_000,
                   samples=10_000, reference=10_000, tok_args=["data.num_workers=8"], mg_args=[]),
-    "smoke": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=2, mg_steps=2, samples=8,
-                  reference=8, tok_args=["optim.batch_size=8", "log.val_batches=1"],
-                  mg_args=["optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"]),
+    "smoke": dict(resolution=32, tok_preset="smoke", mg_preset="smoke", tok_steps=2, mg_steps=2, samples=8,
+                  reference=8, tok_args=[], mg_args=[]),
 }
 STAGES = ("tokenizer", "codes", "maskgit", "sample", "score", "recon")
 
@@ -268,8 +268,8 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
 
 def collect(d: Path) -> dict:
     """The numbers of one finished run, from the files its stages wrote."""
-    tok = json.loads((d / "tokenizer" / "val_metrics.json").read_text())
-    mg = json.loads((d / "maskgit" / "train_metrics.json").read_text())
+    tok = json.loads(final_metrics_path(d / "tokenizer").read_text())
+    mg = json.loads(final_metrics_path(d / "maskgit").read_text())
     gen = json.loads((d / "eval" / "generation.json").read_text())["metrics"]
     rec = json.loads((d / "eval" / "reconstruction.json").read_text())["metrics"]
     log = [json.loads(line) for line in (d / "tokenizer" / "log.jsonl").read_text().splitlines() if line.strip()]

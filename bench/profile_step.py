@@ -30,14 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The settings `make demo` trains with (demo.py: the tiny presets), with a few steps.
-STAGES = {
-    "tokenizer": ["train_tokenizer.py", "--preset", "tiny"],
-    "maskgit": ["train_maskgit.py", "--preset", "tiny"],
-}
-# --smoke: toy data and model (the test suite's check that this script runs).
-SMOKE = {"tokenizer": ["data.num_images=64", "optim.batch_size=8"],
-         "maskgit": ["optim.batch_size=8", "model.dim=32", "model.depth=1", "model.heads=2"]}
+# The settings `make demo` trains with (demo.py: the tiny presets), with a few steps; --smoke: the smoke
+# presets (toy data and model, the test suite's check that this script runs).
+SCRIPTS = {"tokenizer": "train_tokenizer.py", "maskgit": "train_maskgit.py"}
 
 
 def run_stage(stage: str, root: Path, work: Path, skip: int, steps: int, profile: bool, top: int,
@@ -46,12 +41,13 @@ def run_stage(stage: str, root: Path, work: Path, skip: int, steps: int, profile
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    preset = "smoke" if smoke else "tiny"
     sys.path.insert(0, str(root))
     os.chdir(root)
     if stage == "maskgit":  # code files from a short tokenizer run (made once per work folder)
         if not (work / "codes").exists():
-            subprocess.run([sys.executable, "train_tokenizer.py", "--preset", "tiny", "--run-dir", str(work / "tok"),
-                            "optim.steps=2", "log.val_batches=1", *(SMOKE["tokenizer"] if smoke else [])],
+            subprocess.run([sys.executable, "train_tokenizer.py", "--preset", preset, "--run-dir", str(work / "tok"),
+                            "optim.steps=2", "log.val_batches=1"],
                            cwd=root, check=True, capture_output=True)
             subprocess.run([sys.executable, "pretokenize.py", "--tokenizer", str(work / "tok" / "checkpoint.pt"),
                             "--out", str(work / "codes")], cwd=root, check=True, capture_output=True)
@@ -59,8 +55,7 @@ def run_stage(stage: str, root: Path, work: Path, skip: int, steps: int, profile
     else:
         extra = ["log.val_batches=1"]
     total = skip + steps
-    sys.argv = [*STAGES[stage], "--run-dir", str(work / f"run_{stage}"), "--overwrite", *extra,
-                *(SMOKE[stage] if smoke else []),
+    sys.argv = [SCRIPTS[stage], "--preset", preset, "--run-dir", str(work / f"run_{stage}"), "--overwrite", *extra,
                 f"optim.steps={total + 1}", f"log.image_every={total + 1}", f"log.ckpt_every={total + 1}"]
 
     stamps: list[float] = []
@@ -77,7 +72,7 @@ def run_stage(stage: str, root: Path, work: Path, skip: int, steps: int, profile
                 prof.step()
 
     handle = register_optimizer_step_post_hook(hook)
-    module = __import__(STAGES[stage][0].removesuffix(".py"))
+    module = __import__(SCRIPTS[stage].removesuffix(".py"))
     if profile:
         prof.start()
     try:
@@ -120,7 +115,7 @@ def in_subprocess(stage: str, root: Path, work: Path, a: argparse.Namespace, pro
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=(*STAGES, "both"), default="both")
+    p.add_argument("--stage", choices=(*SCRIPTS, "both"), default="both")
     p.add_argument("--skip", type=int, default=5, help="steps before the recorded ones (warm-up, >= 1)")
     p.add_argument("--steps", type=int, default=20, help="recorded steps")
     p.add_argument("--top", type=int, default=15, help="ops in the table")
@@ -136,7 +131,7 @@ def main() -> None:
     if a.child:  # imports the project from --root only
         return child(a)
     from common import write_result
-    stages = list(STAGES) if a.stage == "both" else [a.stage]
+    stages = list(SCRIPTS) if a.stage == "both" else [a.stage]
     with tempfile.TemporaryDirectory(prefix="profile_step-") as tmp:
         if a.compare:
             roots = {"this": ROOT, "other": Path(a.compare).resolve()}
@@ -157,7 +152,8 @@ def main() -> None:
         else:
             result = {"mode": "profile", "rows": [in_subprocess(s, ROOT, Path(tmp), a, profile=True) for s in stages]}
             for r in result["rows"]:
-                print(f"\n{r['stage']} (tiny preset, {r['threads']} threads): {r['steps_per_s']:.2f} steps/s, "
+                preset = "smoke" if a.smoke else "tiny"
+                print(f"\n{r['stage']} ({preset} preset, {r['threads']} threads): {r['steps_per_s']:.2f} steps/s, "
                       f"{r['self_cpu_ms_per_step']:.1f} ms of self CPU time per step (profiled)")
                 print("| op | self CPU ms / step | share | calls / step |\n|---|---:|---:|---:|")
                 for e in r["top"]:

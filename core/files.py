@@ -32,6 +32,21 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# Both training stages end by writing their final validation here (EMA weights); runs written before the
+# name was shared used val_metrics.json (tokenizer) and train_metrics.json (MaskGIT), still read.
+FINAL_METRICS = "final_metrics.json"
+_FORMER_NAMES = ("val_metrics.json", "train_metrics.json")
+
+
+def final_metrics_path(stage_dir: str | os.PathLike) -> Path:
+    """Where a stage's final metrics are: final_metrics.json, or a run's former name when only that exists."""
+    stage_dir = Path(stage_dir)
+    for name in (FINAL_METRICS, *_FORMER_NAMES):
+        if (stage_dir / name).exists():
+            return stage_dir / name
+    return stage_dir / FINAL_METRICS
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The sha256 of a file's bytes (hex), read in 1 MiB blocks: the one file hash of the project."""
     h = hashlib.sha256()

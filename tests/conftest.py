@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Headless Chromium as the browser tests launch it (the system's, e.g. Debian's `chromium` package).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-# the sizes of the tokenizer's smoke preset (tokenizer/train_config.py), for the tests that start from tiny
-TINY_DATA = ["data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
+# the named preset the tests train with (3 steps, 64 images, a 1-block MaskGIT: tokenizer/train_config.py and
+# transformer/config.py); a test that needs more steps says so with an optim.steps override
+SMOKE = ["--preset", "smoke"]
 
 
 def chromium() -> str:

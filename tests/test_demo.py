@@ -10,7 +10,7 @@ from conftest import CHROMIUM_ARGS, ROOT, chromium, run_script
 
 ARTEFACTS = ["report.md", "index.html", "report_metrics.json", "samples_grid.png", "curves_tokenizer.png",
              "curves_maskgit.png", "pca.png", "tokenizer/recon_latest.png", "tokenizer/codebook_usage_val.png",
-             "tokenizer/val_metrics.json", "maskgit/train_metrics.json", "eval/generation.json", "eval/generation.md",
+             "tokenizer/final_metrics.json", "maskgit/final_metrics.json", "eval/generation.json", "eval/generation.md",
              "eval/floor.json"]
 
 
@@ -35,7 +35,7 @@ def test_demo_pipeline_end_to_end(demo_run):
     report, metrics = (run / "report.md").read_text(), json.loads((run / "report_metrics.json").read_text())
     assert report.index("![") < report.index("## ")  # pictures before numbers
     # the numbers with their context, equal to their sources
-    val = json.loads((run / "tokenizer/val_metrics.json").read_text())
+    val = json.loads((run / "tokenizer/final_metrics.json").read_text())
     tok = _rows(report, "## Tokenizer")
     used = sum(c > 0 for c in val["usage_counts"])
     assert tok["PSNR"] == f"{val['psnr']:.2f} dB" and tok["codes used"] == f"{used} of 128 ({used / 128:.0%})"
@@ -50,6 +50,20 @@ def test_demo_pipeline_end_to_end(demo_run):
     assert page.count("data:image/png;base64,") == report.count("![")
     assert str(run) not in page and str(run) not in report  # paths relative to the run directory
     assert "http://" not in page and "https://" not in page  # nothing fetched
+
+
+def test_a_run_written_under_the_former_metrics_names_still_reports(demo_run, tmp_path):
+    """Both stages now write final_metrics.json; runs made before (val_metrics.json / train_metrics.json)
+    still give the same report numbers."""
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(demo_run, run)
+    (run / "tokenizer/final_metrics.json").rename(run / "tokenizer/val_metrics.json")
+    (run / "maskgit/final_metrics.json").rename(run / "maskgit/train_metrics.json")
+    run_script(ROOT / "report.py", "--run", run)
+    assert json.loads((run / "report_metrics.json").read_text()) == \
+        json.loads((demo_run / "report_metrics.json").read_text())
 
 
 def test_report_in_a_browser(demo_run, tmp_path):

@@ -239,7 +239,7 @@ def test_train_tokenizer_with_each_family(name, tmp_path):
     run = tmp_path / "tok"
     run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", run, "optim.steps=1",
                "data.num_images=32", "optim.batch_size=4", "log.val_batches=1", *variant_overrides(name))
-    metrics = json.loads((run / "val_metrics.json").read_text())
+    metrics = json.loads((run / "final_metrics.json").read_text())
     assert metrics["num_codes"] == 128 and 0 < metrics["codes_used"] <= 1
     model, cfg = load_tokenizer(run / "checkpoint.pt")
     assert cfg.vq.kind == VQ_VARIANTS[name].get("kind", "vector")

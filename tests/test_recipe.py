@@ -3,7 +3,7 @@ second codebook step, dead-code replacement checked every step, residual stages 
 codes, the VQ-loss weight of the paper's presets, and an EMA that never mixes two codebooks."""
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, run_script
+from conftest import ROOT, SMOKE, run_script
 
 from core.checkpoint import load_checkpoint
 from tokenizer import VQ_VARIANTS, VectorQuant, VQConfig
@@ -164,11 +164,11 @@ def test_residual_refuses_unit_norm_codes_and_runs_from_a_preset(tmp_path):
     with pytest.raises(ValueError, match="cb_norm"):
         VQConfig(kind="residual", groups=2, cb_norm="l2")
     run = tmp_path / "rvq"
-    out = run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", run, "optim.steps=1",
-                     "model.vq.kind=residual", "model.vq.groups=2", *TINY_DATA, check=False)
+    out = run_script(ROOT / "train_tokenizer.py", *SMOKE, "--run-dir", run, "optim.steps=1",
+                     "model.vq.kind=residual", "model.vq.groups=2", check=False)
     assert out.returncode == 2 and "cb_norm" in out.stderr and "Traceback" not in out.stderr
-    run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", run, "optim.steps=1",
-               "model.vq.kind=residual", "model.vq.groups=2", "model.vq.cb_norm=none", *TINY_DATA)
+    run_script(ROOT / "train_tokenizer.py", *SMOKE, "--run-dir", run, "optim.steps=1",
+               "model.vq.kind=residual", "model.vq.groups=2", "model.vq.cb_norm=none")
     ckpt = load_checkpoint(run / "checkpoint.pt", kind="tokenizer")
     assert ckpt["config"]["loss"]["vq_weight"] == 5.0  # the paper's weight in every preset
     # k-means ran on step 1: the EMA took the fitted codebook as it is, not 1 % of it

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, run_script
+from conftest import ROOT, SMOKE, run_script
 
 from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-TOK_ARGS = ["--preset", "tiny", *TINY_DATA, "data.flip=false", "data.num_workers=0", "log.log_every=1",
+TOK_ARGS = [*SMOKE, "data.flip=false", "data.num_workers=0", "log.log_every=1",
             "log.image_every=1000", "log.ckpt_every=1", "optim.warmup_steps=2"]
 
 

@@ -29,7 +29,7 @@ def test_code_files_match_the_tokenizer(tiny_runs):
 
 def test_train_resume_and_sample(tiny_runs, tmp_path):
     mg = tiny_runs["mg_dir"]
-    assert json.loads((mg / "train_metrics.json").read_text())["step"] == 3
+    assert json.loads((mg / "final_metrics.json").read_text())["step"] == 3
     assert (mg / "samples_latest.png").stat().st_size > 0
     run = tmp_path / "mg"
     shutil.copytree(mg, run)

@@ -79,10 +79,10 @@ def test_train_tokenizer_runs_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "tok"
     out = _train(run, "optim.steps=2")
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("checkpoint.pt", "config.json", "data.json", "log.jsonl", "recon_latest.png", "val_metrics.json",
+    for name in ("checkpoint.pt", "config.json", "data.json", "log.jsonl", "recon_latest.png", "final_metrics.json",
                  "codebook_usage.png"):
         assert (run / name).stat().st_size > 0, name
-    metrics = json.loads((run / "val_metrics.json").read_text())
+    metrics = json.loads((run / "final_metrics.json").read_text())
     assert metrics["step"] == 2 and 0 < metrics["codes_used"] <= 1
     # PSNR is MSE's on images in [0, 1], and beats 6.02 dB (MSE 0.25), the floor a mid-grey guess never crosses
     assert metrics["psnr"] == pytest.approx(10 * math.log10(1 / metrics["mse"])) and metrics["psnr"] > 6.03

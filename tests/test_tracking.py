@@ -3,7 +3,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import ROOT, TINY_DATA, run_script
+from conftest import ROOT, SMOKE, run_script
 from PIL import Image
 
 from core.config import ConfigError
@@ -21,8 +21,8 @@ def events(run_dir, name):
 def test_tensorboard_gets_scalars_and_images(tiny_runs, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -e '.[track]')")
     tok = tmp_path / "tok"
-    run_script(ROOT / "train_tokenizer.py", "--preset", "tiny", "--run-dir", tok, "optim.steps=2", "log.log_every=1",
-               "log.tracker=tensorboard", *TINY_DATA)
+    run_script(ROOT / "train_tokenizer.py", *SMOKE, "--run-dir", tok, "optim.steps=2", "log.log_every=1",
+               "log.tracker=tensorboard")
     acc = events(tok, "tokenizer")
     assert {"loss", "perplexity", "val/psnr"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, run_script
+from conftest import ROOT, SMOKE, run_script
 
 import eval.__main__ as eval_cli
 from core.errors import UserError
@@ -99,10 +99,10 @@ def test_resume_refuses_a_different_model_and_a_reset_needs_overwrite(entry, tin
     run = tmp_path / "tok"
     shutil.copytree(tiny_runs["tok_dir"], run)
     log = (run / "log.jsonl").read_text()
-    _one_line_error(*entry("train_tokenizer", "--run-dir", run, "--resume", "model.vq.num_codes=64", *TINY_DATA),
+    _one_line_error(*entry("train_tokenizer", "--run-dir", run, "--resume", "model.vq.num_codes=64", *SMOKE),
                     "model.vq.num_codes", "cannot change on --resume")
     # forgetting --resume used to reset the run and empty its log
-    _one_line_error(*entry("train_tokenizer", "--run-dir", run, *TINY_DATA), "--resume", "--overwrite")
+    _one_line_error(*entry("train_tokenizer", "--run-dir", run, *SMOKE), "--resume", "--overwrite")
     assert (run / "log.jsonl").read_text() == log and (run / "checkpoint.pt").read_bytes() == \
         tiny_runs["tokenizer"].read_bytes()
     mg = tmp_path / "mg"
