@@ -293,6 +293,8 @@ SAMPLE_BAD_INPUTS = [
     (["--top-k", "0"], "--top-k must lie in [1, "),
     (["--top-k", "100000"], "--top-k must lie in [1, "),
     (["--inpaint", "/nonexistent.png", "--box", "0,0,8,8"], "--inpaint /nonexistent.png: no such file"),
+    (["--inpaint", ROOT / "docs/demo.png", "--box", "0,0,8,8", "--mask", ROOT / "docs/demo.png"],
+     "--box and --mask both give the region to regenerate: give one of them"),  # two regions: refused, not one ignored
     (["--cfg-power", "0"], "--cfg-power must lie in [0.01, 20], got 0"),
     (["--temperature-end", "nan"], "--temperature-end must lie in [0, 10], got nan"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device"),
