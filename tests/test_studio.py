@@ -350,6 +350,60 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         assert page.get_attribute("#download", "href") == before_url
 
 
+def within(page, selector, width):
+    """The element is drawn, and fully inside the columns [0, width) of the page."""
+    box = page.locator(selector).bounding_box()
+    assert box is not None and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+    return box
+
+
+PHONE = (390, 844)  # CSS pixels of a phone held upright
+
+
+def test_page_fits_a_phone_in_chromium(server):
+    """At a phone's width nothing sticks out sideways (no horizontal scrolling), the settings, samples and
+    editor stack in one column, Generate is on the first screen, and a box drawn on the canvas (scaled to
+    the width) inpaints the right tokens."""
+    width, height = PHONE
+    with studio_page(server, width, height) as (page, expect):
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        generate = within(page, "#generate", width)
+        assert generate["y"] + generate["height"] <= height  # reachable without scrolling
+        for selector in ("#seed", "#dice", "#n", "#steps", "#order", "#temperature", "#choice", "#cfg",
+                         "#grid .thumb >> nth=0", "#grid .thumb >> nth=7"):
+            within(page, selector, width)
+        page.click("#grid .thumb >> nth=1")
+        page.locator("#view").scroll_into_view_if_needed()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # the editor open too
+        view = within(page, "#view", width)
+        assert view["width"] >= 300 and abs(view["width"] - view["height"]) < 1  # as wide as fits, square
+        controls, samples, editor = (page.locator(s).bounding_box() for s in ("#controls", "#samples", "#editor"))
+        assert controls["y"] + controls["height"] <= samples["y"] and samples["y"] + samples["height"] <= editor["y"]
+        before = pixels(page.get_attribute("#download", "href"))
+        drag_box(page, 9, 9, 22, 22)
+        page.locator("#regenerate").scroll_into_view_if_needed()
+        for selector in ("#regenerate", "#clear", "#undo", "#download", "#edit-seed", "#strip figure >> nth=4"):
+            within(page, selector, width)
+        page.click("#regenerate")
+        expect(page.locator("#status")).to_contain_text("inpainted in", timeout=30_000)
+        after = pixels(page.get_attribute("#download", "href"))
+        assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))
+        assert (after[8:24, 8:24] != before[8:24, 8:24]).any(-1).mean() > 0.3
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+
+
+def test_page_keeps_its_three_columns_on_a_desktop_in_chromium(server):
+    with studio_page(server, 1280, 800) as (page, expect):
+        page.click("#grid .thumb >> nth=0")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        columns = [within(page, s, 1280) for s in ("#controls", "#samples", "#editor")]
+        assert max(c["y"] for c in columns) - min(c["y"] for c in columns) < 1  # side by side, tops aligned
+        assert all(a["x"] + a["width"] < b["x"] for a, b in zip(columns, columns[1:]))
+        assert within(page, "#view", 1280)["width"] == 320  # the canvas at its full size
+        generate = within(page, "#generate", 1280)
+        assert generate["y"] + generate["height"] <= 800
+
+
 def test_page_samples_with_the_order_it_is_set_to_in_chromium(server):
     """The page starts from the server's defaults (sample.py's): its first samples are the API's with no sampler
     setting named; with the order set to Halton it samples what the API samples with "order": "halton"."""
