@@ -74,6 +74,8 @@ def main() -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_images < 0:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
+    if args.box and args.mask:
+        raise UserError("--box and --mask both give the region to regenerate: give one of them")
     if args.inpaint and not Path(args.inpaint).is_file():
         raise UserError(f"--inpaint {args.inpaint}: no such file")
     if args.mask and not Path(args.mask).is_file():

@@ -5,12 +5,18 @@ silent default), and images arrive as base64 data URLs whose size is checked bef
 decoded. Each problem raises ``RequestError`` with one line that says what is wrong; the server
 turns it into ``{"error": ...}`` with status 400 and keeps running.
 
-    generate: {"n": 4, "seed": 0, "steps": 8, "temperature": 1.0, "choice_temperature": 4.5,
-               "top_k": null, "cfg": 0.0, "attrs": {"smiling": 1} | null}
+    generate: {"n": 4, "seed": 0, "steps": 8, "order": "confidence" | "halton", "temperature": 1.0,
+               "temperature_end": null, "choice_temperature": 4.5, "choice_schedule": "linear",
+               "top_k": null, "cfg": 0.0, "cfg_schedule": "constant", "cfg_power": 3.0,
+               "attrs": {"smiling": 1} | null}
     edit:     the same sampling fields (without "n") plus
               {"image": "data:image/png;base64,...", "tokens": [N ints] | null,
                "box": [x0, y0, x1, y1] | null, "mask": "data:image/png;base64,..." | null,
                "mode": "inpaint" | "outpaint"}
+
+Unset sampling fields take sample.py's defaults (``DECODE_DEFAULTS``; "steps": the model's trained
+count); "cfg" is maskgit_decode's cfg_scale. Every setting goes through the check sample.py's flags go
+through (``check_decode_settings``).
 
 A box is in pixels of the model's R x R image, x1/y1 exclusive; a mask is an R x R image, white =
 the region. "inpaint" regenerates the region and keeps the rest, "outpaint" keeps the region and
@@ -30,7 +36,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from core.errors import UserError
 from data import preprocess_uint8, to_rgb
-from transformer.pipeline import DECODE_RANGES, check_decode_settings
+from transformer.pipeline import DECODE_CHOICES, DECODE_DEFAULTS, check_decode_settings
 
 MAX_SAMPLES = 16
 MAX_STEPS = 64
@@ -66,10 +72,7 @@ class Sampling:
     n: int
     seed: int
     steps: int
-    temperature: float
-    choice_temperature: float
-    top_k: int | None
-    cfg: float
+    decode: dict[str, Any]  # maskgit_decode's settings, DECODE_DEFAULTS' keys: order, temperature, cfg_scale, ...
     attrs: dict[str, int] | None
 
 
@@ -82,7 +85,8 @@ class Edit:
     mode: str
 
 
-SAMPLING_FIELDS = ("seed", "steps", "temperature", "choice_temperature", "top_k", "cfg", "attrs")
+FIELD_NAMES = {"cfg_scale": "cfg"}  # a request's name of a DECODE_DEFAULTS setting, where it is not the same
+SAMPLING_FIELDS = ("seed", "steps", *(FIELD_NAMES.get(name, name) for name in DECODE_DEFAULTS), "attrs")
 EDIT_FIELDS = ("image", "tokens", "box", "mask", "mode")
 
 
@@ -121,24 +125,40 @@ def _object(body: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     return body
 
 
+def sampling_defaults() -> dict[str, Any]:
+    """The sampling fields' values where a request leaves them out (the page starts from these)."""
+    return {FIELD_NAMES.get(name, name): value for name, value in DECODE_DEFAULTS.items()}
+
+
+def sampling_choices() -> dict[str, list[str]]:
+    """The options of the sampling fields that name a choice (order, choice_schedule, cfg_schedule)."""
+    return {FIELD_NAMES.get(name, name): list(options) for name, options in DECODE_CHOICES.items()
+            if name in DECODE_DEFAULTS}
+
+
 def _sampling(fields: dict[str, Any], info: ModelInfo, n: int) -> Sampling:
     attrs = _attrs(fields.get("attrs"), info)
-    cfg = _float(fields, "cfg", 0.0, *DECODE_RANGES["cfg_scale"])
-    if cfg > 0 and attrs is None:
+    decode = {}
+    for name, default in DECODE_DEFAULTS.items():
+        field = FIELD_NAMES.get(name, name)
+        value = fields.get(field, default)
+        if value is None and default is None:  # top_k, temperature_end: off
+            pass
+        elif name in DECODE_CHOICES:
+            if not isinstance(value, str):
+                raise RequestError(f"{field} must be one of {', '.join(DECODE_CHOICES[name])}, got {value!r}")
+        elif name == "top_k":
+            value = _int(fields, field, None, 1, info.num_codes)
+        else:  # its range: the shared check below
+            value = _number(fields, field, default)
+        decode[name] = value
+    if decode["cfg_scale"] > 0 and attrs is None:
         raise RequestError("cfg > 0 needs 'attrs': guidance pushes the samples towards a condition")
-    top_k = fields.get("top_k")
-    if top_k is not None:
-        top_k = _int(fields, "top_k", None, 1, info.num_codes)
     sampling = Sampling(n=n, seed=_int(fields, "seed", 0, 0, 2**63 - 1),
-                        steps=_int(fields, "steps", info.default_steps, 1, MAX_STEPS),
-                        temperature=_float(fields, "temperature", 1.0, *DECODE_RANGES["temperature"]),
-                        choice_temperature=_float(fields, "choice_temperature", 4.5,
-                                                  *DECODE_RANGES["choice_temperature"]),
-                        top_k=top_k, cfg=cfg, attrs=attrs)
+                        steps=_int(fields, "steps", info.default_steps, 1, MAX_STEPS), decode=decode, attrs=attrs)
     try:  # the one check every front-end shares (sample.py, eval gen): e.g. no more steps than tokens
-        check_decode_settings({"steps": sampling.steps, "temperature": sampling.temperature, "cfg_scale": cfg,
-                               "choice_temperature": sampling.choice_temperature, "top_k": top_k},
-                              info.grid, info.num_codes, flag=lambda name: "cfg" if name == "cfg_scale" else name)
+        check_decode_settings({"steps": sampling.steps, **decode}, info.grid, info.num_codes,
+                              flag=lambda name: FIELD_NAMES.get(name, name))
     except UserError as e:
         raise RequestError(str(e)) from None
     return sampling
@@ -153,12 +173,10 @@ def _int(fields: dict[str, Any], name: str, default: int | None, lo: int, hi: in
     return value
 
 
-def _float(fields: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+def _number(fields: dict[str, Any], name: str, default: float) -> float:
     value = fields.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{name} must be a number, got {value!r}")
-    if not lo <= value <= hi:  # also refuses NaN
-        raise RequestError(f"{name} must lie in [{lo}, {hi}], got {value}")
     return float(value)
 
 

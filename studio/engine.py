@@ -20,7 +20,7 @@ from einops import rearrange
 from PIL import Image
 
 from data import to_float, to_uint8
-from studio.api import Edit, ModelInfo, Sampling, parse_edit, parse_generate
+from studio.api import Edit, ModelInfo, Sampling, parse_edit, parse_generate, sampling_choices, sampling_defaults
 from tokenizer import VQModel
 from transformer import MaskGIT
 from transformer.pipeline import decode_settings, generate, load_models, region_tokens  # the studio's one sampling path
@@ -52,7 +52,8 @@ class Engine:
         i = self.info
         return {"resolution": i.resolution, "grid": list(i.grid), "num_codes": i.num_codes,
                 "attr_names": list(i.attr_names), "conditional": bool(i.attr_names), "schedule": self.schedule,
-                "steps": i.default_steps, "device": str(self.device), "source": self.source}
+                "steps": i.default_steps, "defaults": sampling_defaults(), "choices": sampling_choices(),
+                "device": str(self.device), "source": self.source}
 
     def generate(self, body: Any) -> dict[str, Any]:
         s = parse_generate(body, self.info)
@@ -90,8 +91,8 @@ class Engine:
         states = []
         images = torch.cat(list(generate(
             self.tokenizer, self.model, s.n, s.n, s.seed, s.steps, attrs=attrs, init=init, init_mask=init_mask,
-            keep=keep, progress=False, schedule=self.schedule, temperature=s.temperature, choice_temperature=s.choice_temperature,
-            top_k=s.top_k, cfg_scale=s.cfg, on_step=lambda t, tokens, predicted: states.append((tokens, predicted)))))
+            keep=keep, progress=False, schedule=self.schedule, **s.decode,
+            on_step=lambda t, tokens, predicted: states.append((tokens, predicted)))))
         tokens = states[-1][0]  # (n, N), every position fixed after the last step
         grids = torch.stack([t for t, _ in states], 1)  # (n, T, N), mask_id where still masked
         predicted = torch.stack([p for _, p in states], 1)  # (n, T, N)

@@ -3,6 +3,7 @@ page driven in headless Chromium: generate, draw a box, inpaint."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import subprocess
@@ -65,19 +66,31 @@ def outside(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return a[keep]
 
 
-def test_generate_is_the_sampling_path_with_a_strip(server):
+# maskgit_decode's sampler settings as a request names them ("cfg" = cfg_scale): each choice of order and schedule
+SAMPLERS = {"confidence": {"order": "confidence"},
+            "confidence-annealed": {"order": "confidence", "temperature_end": 0.4, "choice_schedule": "cosine",
+                                    "cfg_schedule": "linear"},
+            "halton": {"order": "halton", "temperature": 1.3, "temperature_end": 0.5, "cfg_schedule": "pow-cosine",
+                       "cfg_power": 2.0},
+            "halton-constant": {"order": "halton", "choice_schedule": "constant", "cfg_schedule": "constant"}}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_generate_is_the_sampling_path_with_a_strip(server, sampler):
     from studio.engine import generate  # sample.py's, through the studio's one import of it
-    status, a = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
-    assert status == 200 and len(a["images"]) == 3
-    _, b = post(server, "/api/generate", {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
-    _, c = post(server, "/api/generate", {"n": 3, "seed": 8, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5})
+    settings = SAMPLERS[sampler]
+    request = {"n": 3, "seed": 7, "steps": 6, "attrs": {"smiling": 1}, "cfg": 1.5, **settings}
+    status, a = post(server, "/api/generate", request)
+    assert status == 200 and len(a["images"]) == 3, a
+    _, b = post(server, "/api/generate", request)
+    _, c = post(server, "/api/generate", {**request, "seed": 8})
     assert [x["png"] for x in a["images"]] == [x["png"] for x in b["images"]]
     assert [x["png"] for x in a["images"]] != [x["png"] for x in c["images"]]
     # the same pictures as sample.py's generate with the same seed and settings (the trained schedule)
     e = server.engine
     assert e.schedule == "arccos" and e.info.default_steps == 5  # what the tiny run was trained with
     ref = next(generate(e.tokenizer, e.model, 3, 3, seed=7, steps=6, attrs=torch.tensor([1, 0, 0, 0, 0]),
-                        cfg_scale=1.5, schedule="arccos", progress=False))
+                        cfg_scale=1.5, schedule="arccos", progress=False, **settings))
     for got, want in zip(a["images"], ref):
         assert np.array_equal(pixels(got["png"]), want.permute(1, 2, 0).numpy())
         assert len(got["tokens"]) == 64 and 0 <= min(got["tokens"]) and max(got["tokens"]) < 128
@@ -87,6 +100,23 @@ def test_generate_is_the_sampling_path_with_a_strip(server):
         assert strip.shape == (32, 6 * 33, 3) and (strip[:, 32::33] == 255).all()
         last = strip[:, 5 * 33 : 5 * 33 + 32]  # the last frame is the sample itself
         assert np.array_equal(last, pixels(got["png"]))
+
+
+def test_unset_sampling_fields_are_sample_py_defaults(server):
+    """A request that names no sampler setting decodes with DECODE_DEFAULTS, sample.py's defaults (one
+    definition: switching a default switches both), and /api/info gives the page the same values."""
+    from transformer.pipeline import DECODE_CHOICES, DECODE_DEFAULTS, generate
+
+    e = server.engine
+    info = e.describe()
+    assert info["defaults"] == {{"cfg_scale": "cfg"}.get(k, k): v for k, v in DECODE_DEFAULTS.items()}
+    assert info["choices"] == {k: list(v) for k, v in DECODE_CHOICES.items() if k in DECODE_DEFAULTS}
+    status, got = post(server, "/api/generate", {"n": 2, "seed": 4})
+    assert status == 200
+    ref = next(generate(e.tokenizer, e.model, 2, 2, seed=4, steps=5, schedule="arccos", progress=False,
+                        **DECODE_DEFAULTS))
+    for image, want in zip(got["images"], ref):
+        assert np.array_equal(pixels(image["png"]), want.permute(1, 2, 0).numpy())
 
 
 @pytest.mark.parametrize("mode", ["inpaint", "outpaint"])
@@ -164,6 +194,16 @@ def bad_requests():
         ("unknown-attribute", "/api/generate", {"attrs": {"wings": 1}}, {}, 400, "unknown attribute(s) wings"),
         ("attribute-value", "/api/generate", {"attrs": {"smiling": 2}}, {}, 400, "attrs.smiling must be 0 or 1"),
         ("cfg-without-attrs", "/api/generate", {"cfg": 2.0}, {}, 400, "cfg > 0 needs 'attrs'"),
+        ("order", "/api/generate", {"order": "random"}, {}, 400, "order must be one of confidence, halton, got 'random'"),
+        ("order-type", "/api/generate", {"order": 1}, {}, 400, "order must be one of confidence, halton"),
+        ("choice-schedule", "/api/generate", {"choice_schedule": "exp"}, {}, 400,
+         "choice_schedule must be one of linear, cosine, constant"),
+        ("cfg-schedule", "/api/generate", {"cfg_schedule": None}, {}, 400, "cfg_schedule must be one of"),
+        ("cfg-power", "/api/generate", {"cfg_power": 0}, {}, 400, "cfg_power must lie in [0.01, 20]"),
+        ("temperature-end", "/api/generate", {"temperature_end": 11}, {}, 400, "temperature_end must lie in [0, 10]"),
+        ("temperature-end-string", "/api/generate", {"temperature_end": "1"}, {}, 400, "temperature_end must be a number"),
+        ("temperature-null", "/api/generate", {"temperature": None}, {}, 400, "temperature must be a number, got None"),
+        ("edit-order", "/api/edit", {**edit, "box": [0, 0, 3, 3], "order": "Halton"}, {}, 400, "order must be one of"),
         ("box-outside", "/api/edit", {**edit, "box": [0, 0, 33, 10]}, {}, 400, "outside the 32x32 image"),
         ("box-empty", "/api/edit", {**edit, "box": [5, 5, 5, 9]}, {}, 400, "is empty"),
         ("box-floats", "/api/edit", {**edit, "box": [0.5, 0, 3, 3]}, {}, 400, "four integers"),
@@ -243,21 +283,43 @@ def test_cli_serves_and_refuses_a_run_without_checkpoints(tiny_runs, tmp_path, m
         proc.wait(timeout=30)
 
 
-def test_page_generates_and_inpaints_a_box_in_chromium(server):
+@contextlib.contextmanager
+def studio_page(server, width=1280, height=800):
+    """(page, expect): the studio in headless Chromium with a viewport of width x height CSS pixels, once it
+    has sampled on load. Any script or console error on the page fails the test."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')")
     executable = chromium()
+    problems = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        problems = []
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.on("console", lambda m: m.type == "error" and problems.append(m.text))
         page.goto(server.url)
         sync_api.expect(page.locator("#status")).to_contain_text("samples in", timeout=30_000)  # sampled on load
+        yield page, sync_api.expect
+        browser.close()
+    assert not problems, problems
+
+
+def drag_box(page, x0, y0, x1, y1):
+    """Drag over pixels (x0, y0) .. (x1, y1) of the model's 32x32 picture in the editor's canvas."""
+    view = page.locator("#view").bounding_box()
+    at = lambda x, y: (view["x"] + (x + 0.5) * view["width"] / 32, view["y"] + (y + 0.5) * view["height"] / 32)
+    page.mouse.move(*at(x0, y0))
+    page.mouse.down()
+    page.mouse.move(*at((x0 + x1) // 2, (y0 + y1) // 2))
+    page.mouse.move(*at(x1, y1))
+    page.mouse.up()
+    return at
+
+
+def test_page_generates_and_inpaints_a_box_in_chromium(server):
+    with studio_page(server) as (page, expect):
         page.fill("#seed", "11")
         page.fill("#n", "4")
         page.click("#generate")
-        sync_api.expect(page.locator("#status")).to_contain_text("seed 11", timeout=30_000)
+        expect(page.locator("#status")).to_contain_text("seed 11", timeout=30_000)
         assert page.locator("#grid .thumb").count() == 4
         page.click("#grid .thumb >> nth=2")
         before_url = page.get_attribute("#download", "href")
@@ -265,15 +327,9 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         assert page.locator("#strip figure").count() == 5 and page.inner_text("#strip figure >> nth=4") == "5: 64/64"
 
         # drag a box over pixels 9..22 of the 32x32 picture: tokens 2..5, pixels 8..23
-        view = page.locator("#view").bounding_box()
-        at = lambda x, y: (view["x"] + (x + 0.5) * view["width"] / 32, view["y"] + (y + 0.5) * view["height"] / 32)
-        page.mouse.move(*at(9, 9))
-        page.mouse.down()
-        page.mouse.move(*at(15, 15))
-        page.mouse.move(*at(22, 22))
-        page.mouse.up()
+        at = drag_box(page, 9, 9, 22, 22)
         page.click("#regenerate")
-        sync_api.expect(page.locator("#status")).to_contain_text("inpainted in", timeout=30_000)
+        expect(page.locator("#status")).to_contain_text("inpainted in", timeout=30_000)
         after_url = page.get_attribute("#download", "href")
         before, after = pixels(before_url), pixels(after_url)
         assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))
@@ -285,15 +341,95 @@ def test_page_generates_and_inpaints_a_box_in_chromium(server):
         page.mouse.move(*at(30, 4), steps=2)  # events at x = 16, 30 only: the page fills the gaps
         page.mouse.up()
         page.click("#regenerate")
-        sync_api.expect(page.locator("#edit-seed")).to_have_value("3", timeout=30_000)  # done: seed 1, 2 used
+        expect(page.locator("#edit-seed")).to_have_value("3", timeout=30_000)  # done: seed 1, 2 used
         brushed = pixels(page.get_attribute("#download", "href"))
         assert np.array_equal(brushed[8:], after[8:])
         assert all((brushed[:8, x : x + 4] != after[:8, x : x + 4]).any() for x in range(0, 32, 4))  # every token
         page.click("#undo")
         page.click("#undo")
         assert page.get_attribute("#download", "href") == before_url
-        browser.close()
-    assert not problems, problems
+
+
+def within(page, selector, width):
+    """The element is drawn, and fully inside the columns [0, width) of the page."""
+    box = page.locator(selector).bounding_box()
+    assert box is not None and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+    return box
+
+
+PHONE = (390, 844)  # CSS pixels of a phone held upright
+
+
+def test_page_fits_a_phone_in_chromium(server):
+    """At a phone's width nothing sticks out sideways (no horizontal scrolling), the settings, samples and
+    editor stack in one column, Generate is on the first screen, and a box drawn on the canvas (scaled to
+    the width) inpaints the right tokens."""
+    width, height = PHONE
+    with studio_page(server, width, height) as (page, expect):
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        generate = within(page, "#generate", width)
+        assert generate["y"] + generate["height"] <= height  # reachable without scrolling
+        for selector in ("#seed", "#dice", "#n", "#steps", "#order", "#temperature", "#choice", "#cfg",
+                         "#grid .thumb >> nth=0", "#grid .thumb >> nth=7"):
+            within(page, selector, width)
+        page.click("#grid .thumb >> nth=1")
+        page.locator("#view").scroll_into_view_if_needed()
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # the editor open too
+        view = within(page, "#view", width)
+        assert view["width"] >= 300 and abs(view["width"] - view["height"]) < 1  # as wide as fits, square
+        controls, samples, editor = (page.locator(s).bounding_box() for s in ("#controls", "#samples", "#editor"))
+        assert controls["y"] + controls["height"] <= samples["y"] and samples["y"] + samples["height"] <= editor["y"]
+        before = pixels(page.get_attribute("#download", "href"))
+        drag_box(page, 9, 9, 22, 22)
+        page.locator("#regenerate").scroll_into_view_if_needed()
+        for selector in ("#regenerate", "#clear", "#undo", "#download", "#edit-seed", "#strip figure >> nth=4"):
+            within(page, selector, width)
+        page.click("#regenerate")
+        expect(page.locator("#status")).to_contain_text("inpainted in", timeout=30_000)
+        after = pixels(page.get_attribute("#download", "href"))
+        assert np.array_equal(outside(after, 8, 24), outside(before, 8, 24))
+        assert (after[8:24, 8:24] != before[8:24, 8:24]).any(-1).mean() > 0.3
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+
+
+def test_page_keeps_its_three_columns_on_a_desktop_in_chromium(server):
+    with studio_page(server, 1280, 800) as (page, expect):
+        page.click("#grid .thumb >> nth=0")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        columns = [within(page, s, 1280) for s in ("#controls", "#samples", "#editor")]
+        assert max(c["y"] for c in columns) - min(c["y"] for c in columns) < 1  # side by side, tops aligned
+        assert all(a["x"] + a["width"] < b["x"] for a, b in zip(columns, columns[1:]))
+        assert within(page, "#view", 1280)["width"] == 320  # the canvas at its full size
+        generate = within(page, "#generate", 1280)
+        assert generate["y"] + generate["height"] <= 800
+
+
+def test_page_samples_with_the_order_it_is_set_to_in_chromium(server):
+    """The page starts from the server's defaults (sample.py's): its first samples are the API's with no sampler
+    setting named; with the order set to Halton it samples what the API samples with "order": "halton"."""
+    from transformer.pipeline import DECODE_DEFAULTS
+
+    attrs = {name: 0 for name in server.engine.info.attr_names}  # the page's attribute boxes start unticked
+    thumbs = lambda page: [img.get_attribute("src") for img in page.locator("#grid .thumb img").all()]
+    with studio_page(server) as (page, expect):
+        assert page.eval_on_selector_all("#order option", "options => options.map(o => o.value)") == [
+            "confidence", "halton"]
+        assert page.input_value("#order") == DECODE_DEFAULTS["order"]
+        _, api = post(server, "/api/generate", {"n": 8, "seed": 0, "attrs": attrs})
+        assert thumbs(page) == [x["png"] for x in api["images"]]
+        page.select_option("#order", "halton")
+        assert page.is_disabled("#choice") and page.is_disabled("#choice-schedule")  # unused by Halton
+        page.fill("#n", "3")
+        page.click("#generate")
+        expect(page.locator("#status")).to_contain_text("halton order", timeout=30_000)
+        _, api = post(server, "/api/generate", {"n": 3, "seed": 0, "attrs": attrs, "order": "halton"})
+        assert thumbs(page) == [x["png"] for x in api["images"]]
+        _, other = post(server, "/api/generate", {"n": 3, "seed": 0, "attrs": attrs, "order": "confidence"})
+        assert thumbs(page) != [x["png"] for x in other["images"]]
+        page.select_option("#order", "confidence")
+        assert not page.is_disabled("#choice")
+
+
 
 
 # --- issue 26: a studio that holds under load; every refusal is JSON ---------------------------------------

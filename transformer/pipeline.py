@@ -130,33 +130,47 @@ def decode_settings(config: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return settings
 
 
+# What every sampling front-end (sample.py, python -m eval gen, the studio) decodes with where the user sets
+# nothing; steps and schedule are the checkpoint's (decode_settings). One definition, so they change together.
+DECODE_DEFAULTS: dict[str, Any] = {"order": "confidence", "temperature": 1.0, "temperature_end": None,
+                                   "choice_temperature": 4.5, "choice_schedule": "linear", "top_k": None,
+                                   "cfg_scale": 0.0, "cfg_schedule": "constant", "cfg_power": 3.0}
+
+
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
-    """The decoding flags of every sampling entry point (None = the setting stored in the checkpoint)."""
-    g = p.add_argument_group("decoding (unset: the settings the MaskGIT checkpoint was trained with)")
+    """The decoding flags of every sampling entry point (None = the checkpoint's steps and schedule, and
+    DECODE_DEFAULTS for the rest)."""
+    d = DECODE_DEFAULTS
+    g = p.add_argument_group("decoding (unset: the steps and mask schedule the MaskGIT checkpoint was trained with)")
     g.add_argument("--steps", type=int, default=None, help="decoding steps T")
     g.add_argument("--schedule", default=None, choices=sorted(SCHEDULES), help="mask schedule")
-    g.add_argument("--choice-temperature", type=float, default=None, help="tau_0 of the confidence noise (4.5)")
-    g.add_argument("--temperature", type=float, default=None, help="token sampling temperature (1.0)")
+    g.add_argument("--choice-temperature", type=float, default=None,
+                   help=f"tau_0 of the confidence noise ({d['choice_temperature']})")
+    g.add_argument("--temperature", type=float, default=None, help=f"token sampling temperature ({d['temperature']})")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--cfg", dest="cfg_scale", type=float, default=None,
                    help="guidance weight w: logits = cond + w (cond - uncond); needs --attrs")
     g.add_argument("--cfg-scale", dest="cfg_scale", type=float, default=None, help=argparse.SUPPRESS)  # old name of --cfg
     g.add_argument("--cfg-schedule", default=None, choices=sorted(CFG_SCHEDULES),
-                   help="guidance over the steps: constant, linear, or pow-cosine (0 -> w, MaskBit's ramp)")
-    g.add_argument("--cfg-power", type=float, default=None, help="power of the pow-cosine ramp (3)")
+                   help=f"guidance over the steps: constant, linear, or pow-cosine (0 -> w, MaskBit's ramp) "
+                        f"({d['cfg_schedule']})")
+    g.add_argument("--cfg-power", type=float, default=None, help=f"power of the pow-cosine ramp ({d['cfg_power']:g})")
     g.add_argument("--order", default=None, choices=ORDERS,
                    help="which positions each step reveals: confidence (MaskGIT) or halton (a low-discrepancy "
-                        "order over the grid, Besnier et al. 2025)")
+                        f"order over the grid, Besnier et al. 2025) ({d['order']})")
     g.add_argument("--temperature-end", type=float, default=None,
                    help="sampling temperature at the last step (linear from --temperature); unset: constant")
     g.add_argument("--choice-schedule", default=None, choices=CHOICE_SCHEDULES,
-                   help="decay of the confidence noise from --choice-temperature: linear (reference), cosine, constant")
+                   help="decay of the confidence noise from --choice-temperature: linear (reference), cosine, constant "
+                        f"({d['choice_schedule']})")
     g.add_argument("--attrs", default=None, help="conditioning of an attribute model, e.g. smiling=1,glasses=0")
 
 
 # What every front-end accepts (sample.py, python -m eval gen, the studio): one definition of the ranges.
 DECODE_RANGES = {"temperature": (0.0, 10.0), "temperature_end": (0.0, 10.0), "choice_temperature": (0.0, 50.0),
                  "cfg_scale": (0.0, 20.0), "cfg_power": (0.01, 20.0)}
+DECODE_CHOICES = {"schedule": SCHEDULES, "order": ORDERS, "choice_schedule": CHOICE_SCHEDULES,
+                  "cfg_schedule": CFG_SCHEDULES}
 
 
 def check_decode_settings(settings: dict[str, Any], grid: tuple[int, int] | list[int], num_codes: int,
@@ -164,7 +178,8 @@ def check_decode_settings(settings: dict[str, Any], grid: tuple[int, int] | list
     """Refuse, with one line naming the setting (``flag(name)``: how this front-end spells it), decoding
     settings outside what a model of this ``grid`` and ``num_codes`` can use: steps in [1, tokens] (each
     step fixes at least one token, so more only repeat the model's work), finite temperatures and guidance
-    within DECODE_RANGES, top_k in [1, num_codes]. Returns ``settings``."""
+    within DECODE_RANGES, top_k in [1, num_codes], named choices (order, schedules) among DECODE_CHOICES.
+    Returns ``settings``."""
     tokens = int(np.prod(grid))
     steps = settings.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= tokens:
@@ -174,6 +189,10 @@ def check_decode_settings(settings: dict[str, Any], grid: tuple[int, int] | list
         value = settings.get(name)
         if value is not None and not (isinstance(value, (int, float)) and lo <= value <= hi):  # NaN fails too
             raise UserError(f"{flag(name)} must lie in [{lo:g}, {hi:g}], got {value}")
+    for name, options in DECODE_CHOICES.items():
+        value = settings.get(name)
+        if value is not None and value not in options:
+            raise UserError(f"{flag(name)} must be one of {', '.join(options)}, got {value!r}")
     top_k = settings.get("top_k")
     if top_k is not None and not 1 <= top_k <= num_codes:
         raise UserError(f"{flag('top_k')} must lie in [1, {num_codes}] (the codebook size), got {top_k}")
@@ -181,12 +200,9 @@ def check_decode_settings(settings: dict[str, Any], grid: tuple[int, int] | list
 
 
 def settings_from_args(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    """decode_settings from the flags of add_decode_flags, checked before any sampling."""
-    settings = decode_settings(meta["config"], steps=args.steps, schedule=args.schedule, top_k=args.top_k,
-                               choice_temperature=args.choice_temperature, temperature=args.temperature,
-                               cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, cfg_power=args.cfg_power,
-                               order=args.order, temperature_end=args.temperature_end,
-                               choice_schedule=args.choice_schedule)
+    """decode_settings from the flags of add_decode_flags (DECODE_DEFAULTS where unset), checked before any sampling."""
+    given = {name: getattr(args, name) for name in ("steps", "schedule", *DECODE_DEFAULTS)}
+    settings = decode_settings(meta["config"], **{**DECODE_DEFAULTS, **{k: v for k, v in given.items() if v is not None}})
     model = meta["config"]["model"]
     check_decode_settings(settings, model["grid"], model["num_codes"], flag=lambda name: {
         "cfg_scale": "--cfg"}.get(name, "--" + name.replace("_", "-")))

@@ -48,13 +48,17 @@ async function run(label, work) {
 
 function sampling() {
   const body = {
-    seed: Number($("seed").value), steps: Number($("steps").value),
-    temperature: Number($("temperature").value), choice_temperature: Number($("choice").value),
+    seed: Number($("seed").value), steps: Number($("steps").value), order: $("order").value,
+    temperature: Number($("temperature").value),
+    temperature_end: $("anneal").checked ? Number($("temperature-end").value) : null,
+    choice_temperature: Number($("choice").value), choice_schedule: $("choice-schedule").value,
   };
   if (state.info.conditional && $("use-attrs").checked) {
     body.attrs = {};
     for (const box of document.querySelectorAll("#attrs input")) body.attrs[box.name] = box.checked ? 1 : 0;
     body.cfg = Number($("cfg").value);
+    body.cfg_schedule = $("cfg-schedule").value;
+    body.cfg_power = Number($("cfg-power").value);
   }
   return body;
 }
@@ -82,7 +86,8 @@ function generate() {
       });
       grid.append(button);
     });
-    status(`${result.images.length} samples in ${result.seconds.toFixed(2)} s (seed ${body.seed}, T = ${body.steps})`);
+    status(`${result.images.length} samples in ${result.seconds.toFixed(2)} s ` +
+           `(seed ${body.seed}, T = ${body.steps}, ${body.order} order)`);
   });
 }
 
@@ -246,6 +251,36 @@ function bindOutput(id, out, digits) {
   update();
 }
 
+function fillSelect(id, options, value) {
+  $(id).replaceChildren(...options.map((name) => new Option(name, name, false, name === value)));
+}
+
+function updateSampler() {
+  // settings the chosen sampler does not use are shown, but cannot be changed
+  const halton = $("order").value === "halton";
+  for (const label of document.querySelectorAll("#controls .confidence")) {
+    label.classList.toggle("unused", halton);
+    label.title = halton ? "unused by the Halton order (it reveals positions without confidences)" : "";
+    for (const input of label.querySelectorAll("input, select")) input.disabled = halton;
+  }
+  $("temperature-end").disabled = !$("anneal").checked;
+  $("cfg-power").disabled = $("cfg-schedule").value !== "pow-cosine";
+}
+
+function setDefaults(info) {
+  // the server's defaults (sample.py's): one place decides them for both
+  const d = info.defaults;
+  fillSelect("order", info.choices.order, d.order);
+  fillSelect("choice-schedule", info.choices.choice_schedule, d.choice_schedule);
+  fillSelect("cfg-schedule", info.choices.cfg_schedule, d.cfg_schedule);
+  $("temperature").value = String(d.temperature);
+  $("anneal").checked = d.temperature_end !== null;
+  $("temperature-end").value = String(d.temperature_end ?? d.temperature);
+  $("choice").value = String(d.choice_temperature);
+  $("cfg").value = String(d.cfg);
+  $("cfg-power").value = String(d.cfg_power);
+}
+
 async function start() {
   try {
     state.info = await api("/api/info");
@@ -270,10 +305,15 @@ async function start() {
     }
   }
   $("steps").value = String(info.steps);  // the step count the model was trained to sample with
+  setDefaults(info);
   bindOutput("steps", "steps-out", 0);
   bindOutput("temperature", "temperature-out", 2);
+  bindOutput("temperature-end", "temperature-end-out", 2);
   bindOutput("choice", "choice-out", 1);
   bindOutput("cfg", "cfg-out", 1);
+  bindOutput("cfg-power", "cfg-power-out", 1);
+  for (const id of ["order", "anneal", "cfg-schedule"]) $(id).addEventListener("change", updateSampler);
+  updateSampler();
   $("generate").addEventListener("click", generate);
   $("dice").addEventListener("click", () => { $("seed").value = String(Math.floor(Math.random() * 1e6)); });
   $("regenerate").addEventListener("click", regenerate);
