@@ -29,6 +29,7 @@ from training.run import (
     JsonlLog,
     MetricWindow,
     NonFiniteGuard,
+    Rollback,
     RunError,
     StopSignal,
     TrainState,
@@ -45,7 +46,7 @@ from transformer.pipeline import decode_settings, generate
 
 
 def condition_of(batch: dict[str, torch.Tensor], cfg: TrainMaskGITConfig, device: torch.device) -> dict | None:
-    return {"attrs": batch["attrs"].to(device)} if cfg.masking.condition == "attrs" else None
+    return {"attrs": batch["attrs"].to(device, non_blocking=True)} if cfg.masking.condition == "attrs" else None
 
 
 @torch.no_grad()
@@ -126,8 +127,10 @@ def main() -> int | None:
               f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
     tracking.start(accelerator, cfg.log.tracker, "maskgit", to_dict(cfg))
 
-    batches = iter(step_loader(train_set, o.batch_size, o.seed, start_batch=state.step * o.grad_accum,
-                               rank=accelerator.process_index, world=accelerator.num_processes))
+    def batches_from(step: int):
+        return iter(step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum,
+                                rank=accelerator.process_index, world=accelerator.num_processes))
+
     log = JsonlLog(run_dir / "log.jsonl", resume_step=state.step)
     stop, guard, window = StopSignal(), NonFiniteGuard(o.nan_policy), MetricWindow()
     sample_attrs = None
@@ -135,29 +138,29 @@ def main() -> int | None:
         src = val_set or train_set
         sample_attrs = torch.stack([src[i % len(src)]["attrs"] for i in range(16)])
 
-    bar = tqdm(total=o.steps, initial=state.step, desc="maskgit", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    model.train()
-    while state.step < o.steps:
+    def advance(strict: bool) -> None:
+        """One training step (grad_accum micro-batches), the EMA, state.step + 1. ``strict``: a non-finite
+        loss is decided on the host now (skipped, or the run stops); otherwise it is noted on the device and
+        decided at the window's end (``Rollback``): no host read here."""
         step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
         # grad_accum micro-batches make one step. Under accumulate(), opt.step() and zero_grad() act only on the
         # last micro-batch (Accelerate skips them, and DDP's all-reduce, on the others), so calling them every
-        # time is right. A non-finite loss is judged by all processes together (NonFiniteGuard: one all-reduce),
-        # so every rank skips the same backward (``continue``) and none waits in a collective the others skip.
-        # A skipped micro-batch adds no gradient; when it is the last one, zero_grad drops the step's gradients
-        # and opt.step() is never called: the whole step is skipped.
+        # time is right. On the strict path a non-finite loss is judged by all processes together
+        # (NonFiniteGuard: one all-reduce), so every rank skips the same backward (``continue``) and none waits in
+        # a collective the others skip. A skipped micro-batch adds no gradient; when it is the last one, zero_grad
+        # drops the step's gradients and opt.step() is never called: the whole step is skipped.
         for _ in range(o.grad_accum):
             batch = next(batches)
-            tokens = batch["tokens"].to(accelerator.device)
+            tokens = batch["tokens"].to(accelerator.device, non_blocking=True)  # pinned: no wait for the device
             with accelerator.accumulate(model):
                 # forward / backward / update
                 inputs, mask = mask_tokens(tokens, raw.mask_id, cfg.masking.schedule)
                 with accelerator.autocast():
                     logits = model(inputs, condition_of(batch, cfg, accelerator.device))
                 loss, acc = masked_ce_loss(logits.float(), tokens, mask, cfg.masking.label_smoothing)
-                if guard.bad(loss.detach()):
+                if guard.checked(loss.detach(), strict):
                     opt.zero_grad(set_to_none=True)
                     continue
                 accelerator.backward(loss)
@@ -166,12 +169,36 @@ def main() -> int | None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             window.add({"loss": loss, "masked_accuracy": acc},  # summed on the device, read once per log line
-                       items=tokens.shape[0] * accelerator.num_processes)  # (the guard above still reads every step)
+                       items=tokens.shape[0] * accelerator.num_processes)
         ema.update(raw)
-        state.step = step = step + 1
+        state.step += 1
+
+    def save_loop():
+        return window.copy()
+
+    def load_loop(saved) -> None:  # back to the window's start: its metrics and the data position
+        nonlocal window, batches
+        window, batches = saved, batches_from(state.step)
+
+    # Steps that do not log read nothing on the host: a NaN/inf loss is noted on the device and the window is
+    # replayed on the strict path when its last step finds the note (training.run.Rollback).
+    rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop)
+    bar = tqdm(total=o.steps, initial=state.step, desc="maskgit", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    batches = batches_from(state.step)
+    model.train()
+    rollback.mark()
+    while state.step < o.steps:
+        advance(strict=False)
+        step = state.step
         bar.update(1)
+        stopping = stop.agreed(accelerator.device)
+        logs_now, images_now, ckpt_now = cfg.log.due(step, o.steps)
+        if not (logs_now or images_now or ckpt_now or stopping):
+            continue  # a step inside the window: nothing read on the host
+        rollback.settle(lambda: advance(strict=True))
         # log
-        if step % cfg.log.log_every == 0 or step == o.steps:
+        if logs_now:
             record = {"step": step, **window.averages("grids_per_s"), "lr": opt.param_groups[0]["lr"],
                       "skipped_steps": guard.skipped}
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("loss", "masked_accuracy") if k in record})
@@ -179,21 +206,22 @@ def main() -> int | None:
                 log.write(record)
             tracking.log_scalars(accelerator, cfg.log.tracker, record, step)
         # sample grid (the sampling path of sample.py, EMA weights)
-        if (step % cfg.log.image_every == 0 or step == o.steps) and accelerator.is_main_process:
+        if images_now and accelerator.is_main_process:
             images = next(generate(tokenizer, ema.model, 16, 16, seed=1234, attrs=sample_attrs, progress=False,
                                    **decode_settings(to_dict(cfg))))
             save_image(images.float() / 255, run_dir / f"samples_{step:07d}.png", nrow=4)
             save_image(images.float() / 255, run_dir / "samples_latest.png", nrow=4)
             tracking.log_image(accelerator, cfg.log.tracker, "samples", make_grid(images.float() / 255, nrow=4), step)
         # checkpoint / stop
-        stopping = stop.agreed(accelerator.device)
-        if step % cfg.log.ckpt_every == 0 or step == o.steps or stopping:
+        if ckpt_now or stopping:
             state.save(run_dir, accelerator, "maskgit", to_dict(cfg), meta)
         if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             accelerator.end_training()
             return stop.exit_status  # not 0: the model is unfinished
+        if state.step < o.steps:
+            rollback.mark()
     bar.close()
 
     # final validation (EMA weights)

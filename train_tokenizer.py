@@ -36,6 +36,7 @@ from training.run import (
     JsonlLog,
     MetricWindow,
     NonFiniteGuard,
+    Rollback,
     StopSignal,
     TrainState,
     base_parser,
@@ -102,9 +103,11 @@ def main() -> int | None:
     ema.model.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
 
-    loader = step_loader(train_set, o.batch_size, o.seed, start_batch=state.step * o.grad_accum,
-                         rank=accelerator.process_index, world=accelerator.num_processes,
-                         num_workers=cfg.data.num_workers, worker_init_fn=seed_worker)
+    def batches_from(step: int):
+        return iter(step_loader(train_set, o.batch_size, o.seed, start_batch=step * o.grad_accum,
+                                rank=accelerator.process_index, world=accelerator.num_processes,
+                                num_workers=cfg.data.num_workers, worker_init_fn=seed_worker))
+
     fixed = torch.stack([val_set[i]["image"] for i in range(min(8, len(val_set)))]).to(accelerator.device)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=state.step)
     stop, guard, window = StopSignal(), NonFiniteGuard(o.nan_policy), MetricWindow()
@@ -120,11 +123,11 @@ def main() -> int | None:
             tracking.log_image(accelerator, cfg.log.tracker, "reconstructions", make_grid(grid, nrow=len(fixed)), state.step)
             plot_usage(window_counts.cpu(), run_dir / "codebook_usage.png", title=f"codebook usage, steps up to {state.step}")
 
-    bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    batches = iter(loader)
-    model.train()
-    while state.step < o.steps:
+    def advance(strict: bool) -> None:
+        """One training step (grad_accum micro-batches), the EMA, state.step + 1. ``strict``: a non-finite
+        loss or quantizer input is decided on the host now (skipped, or the run stops); otherwise it is
+        noted on the device and decided at the window's end (``Rollback``): no host read here."""
+        nonlocal kmeans_pending
         step = state.step
         for group in opt.param_groups:
             group["lr"] = o.lr * warmup_cosine(step, o.steps, o.warmup_steps)
@@ -134,13 +137,13 @@ def main() -> int | None:
             with accelerator.accumulate(model):
                 # forward / backward / update
                 try:
-                    with accelerator.autocast():
+                    with accelerator.autocast(), guard.deferring(strict):
                         x_rec, info = model(x)
                         loss, logs = loss_fn.generator_loss(x, x_rec, info["loss"], step, raw.last_layer, as_tensors=True,
                                                             vq_unscaled=info.get("entropy_loss"))
-                except NonFiniteInputError:
+                except NonFiniteInputError:  # (strict only: otherwise the quantizer notes it into guard.flag)
                     loss, logs = torch.tensor(float("nan"), device=accelerator.device), {}
-                if guard.bad(loss.detach()):
+                if guard.checked(loss.detach(), strict):
                     skipped = True
                     opt.zero_grad(set_to_none=True)
                     continue
@@ -157,7 +160,7 @@ def main() -> int | None:
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
-            window_counts += code_histogram(info["q"], raw.num_codes)
+            window_counts.add_(code_histogram(info["q"], raw.num_codes))
             window.add({**logs, "loss": loss, "perplexity": info["perplexity"], "codes_used": info["codes_used"],
                         "quant_error": info["quant_error"]},
                        items=x.shape[0] * accelerator.num_processes)  # summed on the device, read once per log line
@@ -168,10 +171,37 @@ def main() -> int | None:
             kmeans_pending = False
         else:
             ema.update(raw)
-        state.step = step = step + 1
+        state.step += 1
+
+    def save_loop():
+        return window.copy(), window_counts.clone(), kmeans_pending
+
+    def load_loop(saved) -> None:  # back to the window's start: its metrics, the data position, k-means
+        nonlocal window, batches, kmeans_pending
+        window, counts, kmeans_pending = saved
+        window_counts.copy_(counts)
+        batches = batches_from(state.step)
+
+    # Steps that do not log read nothing on the host: a NaN/inf is noted on the device and the window is
+    # replayed on the strict path when its last step finds the note (training.run.Rollback). The k-means step
+    # (once, it reads the device anyway) is strict: k-means on a non-finite batch would fail, not note.
+    rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop)
+    bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    batches = batches_from(state.step)
+    model.train()
+    rollback.mark()
+    while state.step < o.steps:
+        advance(strict=kmeans_pending)
+        step = state.step
         bar.update(1)
+        stopping = stop.agreed(accelerator.device)
+        logs_now, images_now, ckpt_now = cfg.log.due(step, o.steps)
+        if not (logs_now or images_now or ckpt_now or stopping):
+            continue  # a step inside the window: nothing read on the host
+        rollback.settle(lambda: advance(strict=True))
         # log
-        if step % cfg.log.log_every == 0 or step == o.steps:
+        if logs_now:
             record = {"step": step, **window.averages("images_per_s"), "lr": opt.param_groups[0]["lr"],
                       "skipped_steps": guard.skipped, "window_codes_used": (window_counts > 0).float().mean().item(),
                       "window_perplexity": perplexity(window_counts).item()}
@@ -179,18 +209,19 @@ def main() -> int | None:
             if accelerator.is_main_process:
                 log.write(record)
             tracking.log_scalars(accelerator, cfg.log.tracker, record, step)
-        if step % cfg.log.image_every == 0 or step == o.steps:
+        if images_now:
             write_images()
             window_counts.zero_()
         # checkpoint / stop
-        stopping = stop.agreed(accelerator.device)
-        if step % cfg.log.ckpt_every == 0 or step == o.steps or stopping:
+        if ckpt_now or stopping:
             state.save(run_dir, accelerator, "tokenizer", to_dict(cfg), meta={})
         if stopping:
             bar.close()
             accelerator.print(f"{stop.requested}: checkpoint saved at step {step}; continue with --resume")
             accelerator.end_training()
             return stop.exit_status  # not 0: the model is unfinished
+        if state.step < o.steps:
+            rollback.mark()
     bar.close()
 
     # final validation (EMA weights)

@@ -11,6 +11,11 @@ two counts divided by B - A is the number per step that does not log. Setup and 
 same in both runs and cancel out. Reads of tensors that stay on the host also when training on a GPU
 (the optimizers' step counters, the data sampler's permutations, checks guarded to CPU tensors) are
 listed but not counted. Prints the count per step and the call sites.
+
+What a CPU run cannot see: calls that synchronize only on a GPU without reading a value in Python
+(``torch.bincount``, which sizes its output from the largest id; a blocking host-to-device copy, which
+waits for the queue). tests/test_host_syncs.py runs the same steps under torch.cuda.set_sync_debug_mode
+("error") where a GPU is present.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import ROOT
@@ -78,9 +84,11 @@ def count_host_reads():
 
 
 def run_script(script: str, args: list[str]) -> None:
+    """Run a training script in this process (its signal handlers are restored afterwards)."""
     import runpy
+    import signal
 
-    argv = sys.argv
+    argv, handlers = sys.argv, {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     sys.argv = [script, *args]
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -89,6 +97,32 @@ def run_script(script: str, args: list[str]) -> None:
             raise RuntimeError(f"{script} exited with {e.code}") from None
     finally:
         sys.argv = argv
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+QUIET = ["log.log_every=100000", "log.image_every=100000", "log.ckpt_every=100000", "data.num_images=64",
+         "optim.batch_size=8", "data.num_workers=0"]
+
+
+def first_stage(root: Path) -> tuple[Path, Path]:
+    """A 2-step tiny tokenizer and its code files under ``root``: what the MaskGIT stage trains on."""
+    tok_dir = root / "tok"
+    run_script("train_tokenizer.py", ["--preset", "tiny", "--run-dir", str(tok_dir), "optim.steps=2",
+                                      "log.val_batches=1", *QUIET])
+    run_script("pretokenize.py", ["--tokenizer", str(tok_dir / "checkpoint.pt"), "--out", str(root / "codes")])
+    return tok_dir / "checkpoint.pt", root / "codes"
+
+
+def stages(tokenizer: Path, codes: Path) -> dict[str, tuple[str, Any]]:
+    """Each stage's script and its arguments (a function of a temporary folder), logging pushed past the end."""
+    return {
+        "tokenizer": ("train_tokenizer.py", lambda tmp: ["--preset", "tiny", "log.val_batches=0", *QUIET]),
+        "maskgit": ("train_maskgit.py", lambda tmp: ["--preset", "tiny", "--codes", str(codes), "--tokenizer",
+                                                    str(tokenizer), "log.log_every=100000",
+                                                    "log.image_every=100000", "log.ckpt_every=100000",
+                                                    "optim.batch_size=8"]),
+    }
 
 
 def per_step(script: str, common: list[str], a: int, b: int) -> tuple[float, collections.Counter]:
@@ -107,22 +141,9 @@ def main() -> None:
     p.add_argument("--out", help="write the counts as JSON here")
     a = p.parse_args()
     torch.set_num_threads(1)
-    quiet = ["log.log_every=100000", "log.image_every=100000", "log.ckpt_every=100000", "data.num_images=64",
-             "optim.batch_size=8", "data.num_workers=0"]
-    tok_dir = Path(tempfile.mkdtemp()) / "tok"
-    run_script("train_tokenizer.py", ["--preset", "tiny", "--run-dir", str(tok_dir), "optim.steps=2",
-                                      "log.val_batches=1", *quiet])
-    codes = tok_dir.parent / "codes"
-    run_script("pretokenize.py", ["--tokenizer", str(tok_dir / "checkpoint.pt"), "--out", str(codes)])
-    stages = {
-        "tokenizer": ("train_tokenizer.py", lambda tmp: ["--preset", "tiny", "log.val_batches=0", *quiet]),
-        "maskgit": ("train_maskgit.py", lambda tmp: ["--preset", "tiny", "--codes", str(codes), "--tokenizer",
-                                                    str(tok_dir / "checkpoint.pt"), "log.log_every=100000",
-                                                    "log.image_every=100000", "log.ckpt_every=100000",
-                                                    "optim.batch_size=8"]),
-    }
+    stage_runs = stages(*first_stage(Path(tempfile.mkdtemp())))
     report = {}
-    for stage, (script, common) in stages.items():
+    for stage, (script, common) in stage_runs.items():
         n, sites = per_step(script, common, *a.steps)
         report[stage] = {"per_step": n, "sites": {f"{k[0]} at {k[1]}": v / (a.steps[1] - a.steps[0])
                                                   for k, v in sites.most_common()}}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
+from tokenizer.fsq import FiniteScalarQuant
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import perplexity
 
@@ -235,6 +236,26 @@ def test_bad_inputs_raise():
     z[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         vq(z)
+
+
+@pytest.mark.parametrize("make", [lambda: VectorQuant(8, 16, dim=1), lambda: FiniteScalarQuant(8, [3, 3, 3], dim=1)])
+def test_input_check_inside_a_deferred_block_notes_instead_of_raising(make):
+    """In the training loops' steps that do not log, a non-finite input is noted into the loop's device
+    flag (no host read, no error); outside such a block the same input is refused at once, as before."""
+    from core.finite import DeviceFlag, deferred
+
+    vq, flag = make(), DeviceFlag()
+    good, bad = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    bad[1, 2, 0, 1] = float("inf")
+    with deferred(flag):
+        vq(good)
+    assert flag.read() is False
+    with deferred(flag):
+        vq(bad)  # no error here ...
+        vq(good)  # ... and a later finite input does not clear the note
+    assert flag.read() is True and flag.read() is False  # read once, then cleared
+    with pytest.raises(ValueError, match="NaN or inf"):
+        vq(bad)
 
 
 @pytest.mark.parametrize("cls,share", list(itertools.product([GroupVectorQuant, ResidualVectorQuant], [True, False])))

@@ -160,6 +160,71 @@ def test_one_replacement_event_draws_distinct_vectors():
     assert source.unique().numel() == source.numel()  # no vector used twice in one event
 
 
+@torch.no_grad()
+def _replace_the_old_way(vq, z):
+    """Dead-code replacement as it was before it stopped reading the device (torch.nonzero, then writes
+    of the dead rows only): the reference the masked-write version is compared with."""
+    dead = torch.nonzero(vq.step - vq.last_used > vq.replace_freq).squeeze(1)
+    if dead.numel() == 0:
+        return
+    n = z.shape[0]
+    order = torch.cat([torch.randperm(n) for _ in range(-(-dead.numel() // n))])
+    picks = z[order[:dead.numel()]]
+    picks = picks + vq._noise_like(picks)
+    vq.codebook.weight[dead] = vq._invert_affine(picks, dead).to(vq.codebook.weight.dtype)
+    vq.last_used[dead] = vq.step
+
+
+def test_replaced_codes_come_from_the_batch_and_live_codes_are_untouched():
+    """The masked write (no host read): every dead code becomes a vector of this batch plus 1 % noise,
+    through the inverse affine map (the *effective* code is that vector); live rows and their usage
+    steps keep their exact values."""
+    torch.manual_seed(3)
+    vq = VectorQuant(4, 16, replace_freq=2, affine_lr=10.0, affine_groups=2)
+    with torch.no_grad():
+        vq.affine_scale.normal_(0, 0.05)
+        vq.affine_bias.normal_(0, 0.05)
+    vq.train()
+    vq.step.fill_(10)
+    vq.last_used.copy_(torch.tensor([10, 9, 8, 3, 0, 10, 7, 1, 10, 10, 8, 2, 9, 9, 0, 10]))
+    dead = vq.step - vq.last_used > 2
+    z = torch.randn(32, 4) * 3
+    before_w, before_used = vq.codebook.weight.detach().clone(), vq.last_used.clone()
+    with torch.no_grad():
+        vq._replace_dead_codes(z)
+    assert torch.equal(vq.codebook.weight[~dead], before_w[~dead])
+    assert torch.equal(vq.last_used[~dead], before_used[~dead]) and (vq.last_used[dead] == 10).all()
+    codes = vq.get_codebook().detach()[dead]  # the effective codes
+    dist = torch.cdist(codes, z)
+    nearest = dist.argmin(1)
+    assert (dist.min(1).values <= 0.05 * z[nearest].norm(dim=1)).all()  # a batch vector plus ~1 % noise
+    assert nearest.unique().numel() == int(dead.sum())  # distinct vectors
+
+
+def test_usage_with_replacement_behaves_as_before_the_masked_write():
+    """The masked write draws its random numbers differently, so codes are not bit-identical to the old
+    nonzero-based replacement; what replacement is for is the same: no code idle longer than T steps, and
+    about the same share of codes in use along a run that starts with most of the codebook dead."""
+    T = 3
+    shares = {}
+    for way in ("new", "old"):
+        torch.manual_seed(4)
+        vq = VectorQuant(8, 64, replace_freq=T)
+        with torch.no_grad():
+            vq.codebook.weight.mul_(0.01).add_(50.0)  # far from the data: all codes but one dead at once
+        if way == "old":
+            vq._replace_dead_codes = lambda z, vq=vq: _replace_the_old_way(vq, z)
+        data = torch.Generator().manual_seed(5)
+        used = []
+        for _ in range(40):
+            _, info = vq(torch.randn(128, 8, generator=data))
+            assert int((vq.step - vq.last_used).max()) <= T
+            used.append(float(info["codes_used"]))
+        shares[way] = sum(used[10:]) / len(used[10:])
+    assert shares["new"] == pytest.approx(shares["old"], abs=0.05), shares
+    assert shares["new"] > 0.5  # without replacement: 1 code of 64
+
+
 def test_residual_refuses_unit_norm_codes_and_runs_from_a_preset(tmp_path):
     with pytest.raises(ValueError, match="cb_norm"):
         VQConfig(kind="residual", groups=2, cb_norm="l2")

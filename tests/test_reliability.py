@@ -223,6 +223,28 @@ def test_nan_skip_policy_ends_cleanly_and_every_checkpoint_is_finite(tmp_path):
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
+def test_non_finite_steps_found_at_a_window_end_train_what_a_check_per_step_did(tmp_path):
+    """The guard reads the device once per window (training.run.Rollback): a run that diverges inside a
+    5-step window is replayed and ends where checking every step (windows of one step) ends: the same
+    skipped steps, the same printed skips, the same finite checkpoint (step 5's: at step 6 the sample
+    images of the diverged EMA model stop both runs, before their save)."""
+    runs = {}
+    for name, every in (("per_step", 1), ("one_window", 5)):
+        run = tmp_path / name
+        out = subprocess.run(_tokenizer_cmd(run, 6) + ["optim.lr=1e30", "optim.grad_clip=0", f"log.log_every={every}",
+                                                       f"log.ckpt_every={every}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        skips = [line for line in (out.stdout + out.stderr).splitlines() if "step skipped" in line]
+        last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+        runs[name] = (skips, last["skipped_steps"], _weights(run / "checkpoint.pt"))
+    (skips, skipped, weights), (skips_w, skipped_w, weights_w) = runs["per_step"], runs["one_window"]
+    assert skipped >= 1 and skipped_w == skipped and skips_w == skips
+    assert load_checkpoint(tmp_path / "one_window" / "checkpoint.pt")["step"] == 5
+    assert weights.keys() == weights_w.keys()
+    assert all(torch.equal(weights[k], weights_w[k]) for k in weights if isinstance(weights[k], torch.Tensor))
+
+
 def test_skip_policy_limit_and_refusal_of_non_finite_weights(tmp_path):
     from accelerate import Accelerator
 

@@ -162,8 +162,39 @@ def test_masked_loss_value_label_smoothing_and_accuracy():
     perfect = F.one_hot(targets, K).float() * 50
     perfect[~mask] = torch.randn_like(perfect[~mask])
     assert masked_ce_loss(perfect, targets, mask)[1].item() == 1.0
-    with pytest.raises(ValueError):
-        masked_ce_loss(logits, targets, torch.zeros_like(mask))
+
+
+def _masked_ce_the_old_way(logits, targets, mask, label_smoothing=0.1):
+    """The loss as it was computed before it stopped reading the device: the masked logits selected by
+    boolean indexing (a data-dependent shape), then the mean cross-entropy over them. A mask with no
+    masked position (which the old code refused, after a host read) is 0: nothing to learn."""
+    if not mask.any():
+        return logits.sum() * 0.0, torch.tensor(0.0)
+    sel_logits, sel_targets = logits[mask].float(), targets[mask]
+    loss = F.cross_entropy(sel_logits, sel_targets, label_smoothing=label_smoothing)
+    return loss, (sel_logits.argmax(-1) == sel_targets).float().mean()
+
+
+@pytest.mark.parametrize("masked", ["random", "all", "one", "none"])
+def test_masked_loss_equals_the_boolean_indexing_formula(masked):
+    """The mask-weighted sum over all positions equals the old selection of the masked positions, in value,
+    accuracy and gradient, also when all, one or no position is masked (no masked position: loss 0 and a
+    zero gradient, where the old code raised)."""
+    logits, targets, mask = _loss_inputs(2)
+    mask = {"random": mask, "all": torch.ones_like(mask), "none": torch.zeros_like(mask),
+            "one": torch.zeros_like(mask).index_fill_(1, torch.tensor([3]), True) & (torch.arange(4) == 1)[:, None]}[masked]
+    grads = []
+    for fn in (masked_ce_loss, _masked_ce_the_old_way):
+        x = logits.clone().requires_grad_(True)
+        loss, acc = fn(x, targets, mask)
+        loss.backward()
+        grads.append((loss.detach(), acc, x.grad))
+    (new_loss, new_acc, new_grad), (old_loss, old_acc, old_grad) = grads
+    assert new_loss.item() == pytest.approx(old_loss.item(), rel=1e-5, abs=1e-7)
+    assert new_acc.item() == pytest.approx(old_acc.item())
+    torch.testing.assert_close(new_grad, old_grad, rtol=1e-5, atol=1e-7)
+    if masked == "none":
+        assert new_loss.item() == 0.0 and not new_grad.any()
 
 
 # --- model ----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.finite import note_non_finite
 from core.processes import all_reduce_, broadcast_
 from tokenizer.estimators import quantizer_loss, quantizer_output
 from tokenizer.kmeans import kmeans, nearest_code
@@ -41,7 +42,14 @@ def check_input(quantizer: nn.Module, z_e: Tensor) -> None:
 def check_finite(quantizer: nn.Module, z_e: Tensor) -> None:
     """Refuse an input holding NaN/inf (the encoder diverged; the trainers skip such a step). One host
     sync. One reduction is the fast check; the exact one runs only when it trips, so a finite input whose
-    sum overflows is not refused."""
+    sum overflows is not refused.
+
+    Inside ``core.finite.deferred`` (the training loops' steps that do not log) there is no host read
+    and no error here: the verdict goes into the loop's device flag, read at the end of the log window;
+    the loop then replays that window with this check raising, so the error comes at the same step as
+    before, only later in wall time (see ``training.run.Rollback``)."""
+    if note_non_finite(z_e):
+        return
     if not torch.isfinite(z_e.sum()) and not torch.isfinite(z_e).all():
         raise NonFiniteInputError(f"{type(quantizer).__name__} input contains NaN or inf (the encoder diverged); "
                                   "refusing to assign codes")
@@ -112,7 +120,8 @@ class VectorQuant(nn.Module):
       unit-norm codebook); ``get_codebook`` divides by the detached row norms, so the effective codes
       are unit rows (before the affine map) also after a main-optimizer step. Excludes ``cb_norm``.
     * Under ``torch.distributed`` every replica ends with the identical codebook: k-means centers and
-      replaced codes are broadcast from rank 0, code usage is all-reduced (max of last-used step) every step, the
+      replaced codes are broadcast from rank 0 (the whole codebook, at every step that checks for dead codes),
+      code usage is all-reduced (max of last-used step) every step, the
       in-place gradient and the running statistics are averaged over replicas.
     """
 
@@ -307,7 +316,8 @@ class VectorQuant(nn.Module):
         all_reduce_(moments, "mean")
         z_mean, z_var = moments[0], (moments[1] - moments[0].square()).clamp_min(0)
         w_mean, w_var = w.mean(0), w.var(0, unbiased=False)
-        m = 1.0 if not bool(self.stats_ready) else momentum  # the first batch is copied
+        # the first batch is copied; decided on the device (a tensor weight), without a host read
+        m = torch.where(self.stats_ready, momentum, 1.0).to(z_mean.dtype)
         for buf, new in ((self.z_mean, z_mean), (self.z_var, z_var), (self.w_mean, w_mean), (self.w_var, w_var)):
             buf.lerp_(new, m)
         self.stats_ready.fill_(True)
@@ -320,17 +330,23 @@ class VectorQuant(nn.Module):
         the batch does a vector serve twice), and adds noise of 0.01 x its norm so that codes seeded
         from near-identical vectors still split; 0.01 is small against the typical distance between
         neighbouring codes, so the new code starts where the data is.
+
+        No host read: which codes are dead is never asked on the host. A candidate vector is drawn for
+        every code (the i-th dead code takes the i-th vector of the permutation) and written with a
+        masked write, so live codes keep their rows and the draws are the same whether or not a code is
+        dead (the random stream moves by the same amount every step).
         """
-        dead = torch.nonzero(self.step - self.last_used > self.replace_freq).squeeze(1)  # idle the last T steps
-        if dead.numel() == 0:
-            return
-        n = z.shape[0]
-        order = torch.cat([torch.randperm(n, device=z.device) for _ in range(-(-dead.numel() // n))])
-        picks = z[order[:dead.numel()]]
+        dead = self.step - self.last_used > self.replace_freq  # (K,) bool: idle the last T steps
+        n, k = z.shape[0], self.num_codes
+        order = torch.cat([torch.randperm(n, device=z.device) for _ in range(-(-k // n))])
+        rank = (dead.long().cumsum(0) - 1).clamp_min(0)  # the i-th dead code takes the i-th vector drawn
+        picks = z[order[rank]]  # (K, d): a candidate for every code, used by the dead ones only
         picks = picks + self._noise_like(picks)
-        self.codebook.weight[dead] = self._invert_affine(picks, dead).to(self.codebook.weight.dtype)
-        broadcast_(self.codebook.weight.data)
-        self.last_used[dead] = self.step
+        codes = torch.arange(k, device=z.device)
+        weight = self.codebook.weight
+        weight.copy_(torch.where(dead[:, None], self._invert_affine(picks, codes).to(weight.dtype), weight))
+        broadcast_(weight.data)  # every step now (rank 0's picks), not only when a code was dead
+        self.last_used.copy_(torch.where(dead, self.step, self.last_used))
 
     @torch.no_grad()
     def _renormalize(self) -> None:

@@ -7,8 +7,11 @@ from torch import Tensor
 
 
 def code_histogram(q: Tensor, num_codes: int) -> Tensor:
-    """Counts of each code in ``q`` (any shape) -> (K,) float."""
-    return torch.bincount(q.reshape(-1), minlength=num_codes).float()
+    """Counts of each code in ``q`` (any shape, ids in [0, K)) -> (K,) float. A scatter-add of ones, not
+    ``torch.bincount``: on a GPU bincount reads the largest id on the host to size its output (a sync
+    per call). Exact: the counts are integers, far below float32's 2**24."""
+    q = q.reshape(-1)
+    return torch.zeros(num_codes, device=q.device).scatter_add_(0, q, torch.ones(q.shape, device=q.device))
 
 
 def perplexity(counts: Tensor) -> Tensor:

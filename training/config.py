@@ -55,3 +55,7 @@ class LogConfig:
         require(self.val_batches >= 0, f"log.val_batches must be >= 0, got {self.val_batches}")
         require(self.tracker in ("none", "tensorboard", "wandb", "aim"),
                 f"log.tracker must be none, tensorboard, wandb or aim, got {self.tracker!r}")
+
+    def due(self, step: int, steps: int) -> tuple[bool, bool, bool]:
+        """Whether step ``step`` of ``steps`` logs, writes images, checkpoints (the last step does all three)."""
+        return tuple(step % every == 0 or step == steps for every in (self.log_every, self.image_every, self.ckpt_every))

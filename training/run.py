@@ -4,6 +4,7 @@ the checkpoint (TrainState save/restore), the log and its metric window, signals
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from core.checkpoint import load_checkpoint, non_finite, rng_state, save_checkpo
 from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
+from core.finite import DeviceFlag, deferred
 from core.processes import all_ranks_any, multi_cpu
 
 T = TypeVar("T")
@@ -193,8 +195,8 @@ class MetricWindow:
 
     Values may be floats or scalar tensors. Tensors are summed where they live (in float64, as Python
     floats would be), so the window adds no host sync per step: the device is read once per log line,
-    in ``averages``. (The step itself still syncs elsewhere: the non-finite guard reads the loss, the
-    quantizer checks its input, k-means and dead-code replacement read the device.)"""
+    in ``averages``. (Nor does the rest of a step that does not log: see ``Rollback``; only the k-means
+    init, once, reads the device.)"""
 
     def __init__(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = {}
@@ -206,6 +208,12 @@ class MetricWindow:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
         self.items += items
+
+    def copy(self) -> MetricWindow:
+        """A copy to go back to (``Rollback``): the sums are replaced, never changed in place, by ``add``."""
+        other = MetricWindow.__new__(MetricWindow)
+        other.__dict__.update(self.__dict__, sums=dict(self.sums))
+        return other
 
     def averages(self, rate_name: str) -> dict[str, float]:
         """The window's means and ``rate_name`` (items per second); then start a new window."""
@@ -248,12 +256,42 @@ class StopSignal:
 
 class NonFiniteGuard:
     """What to do with a NaN/inf loss: ``"skip"`` the step (stop after ``patience`` in a row) or ``"stop"``.
-    The decision is taken by all processes together: a NaN on one rank skips the step on every rank."""
+    The decision is taken by all processes together: a NaN on one rank skips the step on every rank.
+
+    Two ways to ask. ``bad(loss)`` decides now (a host read of the loss, an all-reduce with several
+    processes): the strict path. ``checked(loss, strict=False)`` only notes the verdict into a flag on
+    the device (``flag``; the quantizers' input checks note into it too, inside ``deferring``) and lets
+    the step train on; ``window_bad`` reads the flag once, and ``Rollback`` then replays the window on
+    the strict path. See ``Rollback`` for why this loses nothing."""
 
     def __init__(self, policy: str, patience: int = 20) -> None:
         if policy not in ("skip", "stop"):
             raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {policy!r}")
         self.policy, self.patience, self.in_a_row, self.skipped = policy, patience, 0, 0
+        self.flag, self.noted_last = DeviceFlag(), False  # noted_last: the latest check went to the flag
+
+    def deferring(self, strict: bool) -> contextlib.AbstractContextManager:
+        """The block's finiteness checks (the quantizers' input) note into ``flag`` unless ``strict``."""
+        return deferred(None if strict else self.flag)
+
+    def checked(self, loss: torch.Tensor, strict: bool) -> bool:
+        """``bad(loss)`` when ``strict``; otherwise note the verdict on the device and return False."""
+        self.noted_last = not strict
+        if strict:
+            return self.bad(loss)
+        self.flag.note(~torch.isfinite(loss).all())
+        return False
+
+    def window_bad(self, device: torch.device) -> bool:
+        """Whether any step since the last call noted a non-finite value, on any process (one host read
+        and, with several processes, one all-reduce); the flag is cleared. When it is clean and the latest
+        check was noted (not decided on the host), finite steps came last: the run of non-finite steps in
+        a row is over, as those steps would have ended it on the strict path."""
+        if all_ranks_any(self.flag.read(), device):
+            return True
+        if self.noted_last:
+            self.in_a_row = 0
+        return False
 
     def bad(self, loss: torch.Tensor) -> bool:
         """True when this step must be skipped; raises RunError when the run must stop."""
@@ -290,6 +328,14 @@ class TrainState:
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"])
 
+    def snapshot(self) -> dict[str, Any]:
+        """The checkpoint's content (without config and meta), copied in memory where the tensors live:
+        ``restore`` takes it back. Device copies only, no host read. ``restore`` may adopt its tensors,
+        so a snapshot is restored at most once."""
+        return _copied({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": rng_state(),
+                        "extra": {name: obj.state_dict() for name, obj in self.extra.items()}})
+
     def save(self, run_dir: Path, accelerator: Any, kind: str, config: dict[str, Any], meta: dict[str, Any]) -> None:
         """Check that the replicas agree and the weights are finite, then write the checkpoint atomically:
         {kind, config (the training config), meta (provenance), step, model, ema, optimizer, rng, extra}.
@@ -307,6 +353,60 @@ class TrainState:
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                 "extra": {name: obj.state_dict() for name, obj in self.extra.items()}})
         accelerator.wait_for_everyone()
+
+
+def _copied(tree: Any) -> Any:
+    """A copy of nested dicts / lists / tuples whose tensors are cloned (on their device); other leaves shared."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return type(tree)((k, _copied(v)) for k, v in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copied(v) for v in tree)
+    return tree
+
+
+class Rollback:
+    """The non-finite guard without a host read in the steps that do not log.
+
+    Deciding at every step whether to skip it needs the loss on the host: on a GPU, a stall per step
+    until the device has caught up. Instead, the loop runs the steps of a window (the steps between two
+    steps that log, write images, checkpoint or stop: those read the device anyway) on the fast path:
+    every check notes into the guard's device flag (``NonFiniteGuard.checked``, the quantizers' input
+    check) and the step trains on regardless. At the window's last step, ``settle`` reads the flag once.
+    Clean (the usual case): nothing else happens, and the fast path computed exactly what the strict
+    path would have (the same ops, the same random draws). Not clean: the whole training state goes back
+    to the window's start (weights, EMA, optimizers, quantizer buffers, RNGs, the loop's own metrics
+    and data position: ``mark``'s copy, in device memory) and the window's steps run again on the strict
+    path, each deciding on the host as before: a non-finite step is skipped (and printed) or stops the
+    run with the same one-line error, at the same step, only later in wall time. So no finite step is
+    lost, nothing non-finite is ever kept, logged or saved. Costs: one device copy of the training
+    state per window, and a window computed twice when it held a non-finite value."""
+
+    def __init__(self, state: TrainState, guard: NonFiniteGuard, device: torch.device,
+                 save_loop: Callable[[], Any], load_loop: Callable[[Any], None]) -> None:
+        self.state, self.guard, self.device = state, guard, device
+        self.save_loop, self.load_loop = save_loop, load_loop  # the loop's own state: metrics, data position
+        self.start: tuple[dict[str, Any], Any] | None = None
+
+    def mark(self) -> None:
+        """Copy the state: a window starts here. (The old copy goes first: only one is held.)"""
+        self.start = None
+        self.start = (self.state.snapshot(), self.save_loop())
+
+    def settle(self, advance: Callable[[], None]) -> bool:
+        """At a window's last step: when the window held a non-finite value, go back to ``mark`` and run
+        ``advance`` (one strict step) up to this step again. Returns whether it did."""
+        if not self.guard.window_bad(self.device):
+            return False
+        target = self.state.step
+        snapshot, loop = self.start
+        self.start = None
+        self.state.restore(snapshot)
+        self.load_loop(loop)
+        while self.state.step < target:
+            advance()
+        return True
 
 
 def state_checksum(module: torch.nn.Module) -> str:

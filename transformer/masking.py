@@ -7,7 +7,8 @@ log-likelihood of the original tokens at the masked positions only.
 Three bugs found in public ports, and how this file avoids each:
 * masking the inverted set: `mask` is True exactly at the positions replaced by the mask id, and
   the same tensor selects the loss positions (tested);
-* loss on all tokens: the loss gathers `logits[mask]`, so unmasked logits cannot reach it (tested);
+* loss on all tokens: the per-token loss is multiplied by `mask`, so (finite) unmasked logits add exactly 0
+  to the loss and its gradient (tested);
 * feeding unmasked ids: the returned inputs are built from `mask`, not copied from `tokens`.
 """
 
@@ -72,17 +73,24 @@ def masked_ce_loss(
     Returns (loss, accuracy): the mean over all masked tokens of the batch (each masked token
     weighs the same, as in MaskGIT's reference), and the fraction of masked tokens whose argmax
     equals the target (detached). Computed in fp32 even under autocast.
+
+    No host read and no data-dependent shape: the per-token loss is computed at every position,
+    multiplied by the mask (unmasked positions contribute exactly 0, to the value and the gradient)
+    and divided by the number of masked tokens, clamped to at least 1. A mask with no masked
+    position therefore gives loss 0 and accuracy 0 (nothing to learn) rather than an error: deciding
+    to raise would need the mask's value on the host.
     """
     if logits.shape[:2] != targets.shape or mask.shape != targets.shape:
         raise ValueError(f"masked_ce_loss: shapes disagree: logits {tuple(logits.shape)}, "
                          f"targets {tuple(targets.shape)}, mask {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"masked_ce_loss: mask must be bool, got {mask.dtype}")
-    if not mask.any():
-        raise ValueError("masked_ce_loss: no masked positions; the loss would be undefined")
-    sel_logits = logits[mask].float()  # (M, K), M = number of masked tokens in the batch
-    sel_targets = targets[mask]  # (M,)
-    loss = F.cross_entropy(sel_logits, sel_targets, label_smoothing=label_smoothing)
+    logits = logits.float()
+    per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none",
+                                label_smoothing=label_smoothing).view_as(targets)  # (B, N)
+    weight = mask.float()
+    count = weight.sum().clamp_min(1.0)
+    loss = (per_token * weight).sum() / count
     with torch.no_grad():
-        accuracy = (sel_logits.argmax(dim=-1) == sel_targets).float().mean()
+        accuracy = ((logits.argmax(dim=-1) == targets) & mask).float().sum() / count
     return loss, accuracy
