@@ -185,14 +185,14 @@ def main() -> int | None:
     # Steps that do not log read nothing on the host: a NaN/inf is noted on the device and the window is
     # replayed on the strict path when its last step finds the note (training.run.Rollback). The k-means step
     # (once, it reads the device anyway) is strict: k-means on a non-finite batch would fail, not note.
-    rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop)
+    rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop, enabled=o.nan_check == "window")
     bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     batches = batches_from(state.step)
     model.train()
     rollback.mark()
     while state.step < o.steps:
-        advance(strict=kmeans_pending)
+        advance(strict=kmeans_pending or o.nan_check == "step")
         step = state.step
         bar.update(1)
         stopping = stop.agreed(accelerator.device)

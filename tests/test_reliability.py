@@ -229,10 +229,10 @@ def test_non_finite_steps_found_at_a_window_end_train_what_a_check_per_step_did(
     skipped steps, the same printed skips, the same finite checkpoint (step 5's: at step 6 the sample
     images of the diverged EMA model stop both runs, before their save)."""
     runs = {}
-    for name, every in (("per_step", 1), ("one_window", 5)):
+    for name, every, check in (("per_step", 1, "window"), ("one_window", 5, "window"), ("strict", 5, "step")):
         run = tmp_path / name
         out = subprocess.run(_tokenizer_cmd(run, 6) + ["optim.lr=1e30", "optim.grad_clip=0", f"log.log_every={every}",
-                                                       f"log.ckpt_every={every}"],
+                                                       f"log.ckpt_every={every}", f"optim.nan_check={check}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         skips = [line for line in (out.stdout + out.stderr).splitlines() if "step skipped" in line]
@@ -243,6 +243,10 @@ def test_non_finite_steps_found_at_a_window_end_train_what_a_check_per_step_did(
     assert load_checkpoint(tmp_path / "one_window" / "checkpoint.pt")["step"] == 5
     assert weights.keys() == weights_w.keys()
     assert all(torch.equal(weights[k], weights_w[k]) for k in weights if isinstance(weights[k], torch.Tensor))
+    # optim.nan_check=step (no copy of the state, the host decides every step) trains the same
+    skips_s, skipped_s, weights_s = runs["strict"]
+    assert skipped_s == skipped and skips_s == skips
+    assert all(torch.equal(weights_w[k], weights_s[k]) for k in weights if isinstance(weights[k], torch.Tensor))
 
 
 def test_skip_policy_limit_and_refusal_of_non_finite_weights(tmp_path):

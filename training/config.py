@@ -23,6 +23,10 @@ class OptimConfig:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (the quantizer always runs in fp32)
     seed: int = 0
     nan_policy: str = "skip"  # "skip" the step (stop after 20 in a row) or "stop" at the first NaN/inf loss
+    # When the NaN/inf check reads the device: "window" (once per log window; a window that held one is
+    # rolled back and replayed, at the cost of one device copy of the training state) or "step" (every
+    # step, no copy: for a model whose training state does not fit twice, at one host sync per step)
+    nan_check: str = "window"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -37,6 +41,8 @@ class OptimConfig:
         require(self.mixed_precision in ("no", "bf16", "fp16"),
                 f"optim.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         require(self.nan_policy in ("skip", "stop"), f"optim.nan_policy must be 'skip' or 'stop', got {self.nan_policy!r}")
+        require(self.nan_check in ("window", "step"),
+                f"optim.nan_check must be 'window' or 'step', got {self.nan_check!r}")
 
 
 @dataclasses.dataclass

@@ -384,20 +384,21 @@ class Rollback:
     state per window, and a window computed twice when it held a non-finite value."""
 
     def __init__(self, state: TrainState, guard: NonFiniteGuard, device: torch.device,
-                 save_loop: Callable[[], Any], load_loop: Callable[[Any], None]) -> None:
-        self.state, self.guard, self.device = state, guard, device
+                 save_loop: Callable[[], Any], load_loop: Callable[[Any], None], enabled: bool = True) -> None:
+        self.state, self.guard, self.device, self.enabled = state, guard, device, enabled  # off: every step strict
         self.save_loop, self.load_loop = save_loop, load_loop  # the loop's own state: metrics, data position
         self.start: tuple[dict[str, Any], Any] | None = None
 
     def mark(self) -> None:
         """Copy the state: a window starts here. (The old copy goes first: only one is held.)"""
         self.start = None
-        self.start = (self.state.snapshot(), self.save_loop())
+        if self.enabled:
+            self.start = (self.state.snapshot(), self.save_loop())
 
     def settle(self, advance: Callable[[], None]) -> bool:
         """At a window's last step: when the window held a non-finite value, go back to ``mark`` and run
         ``advance`` (one strict step) up to this step again. Returns whether it did."""
-        if not self.guard.window_bad(self.device):
+        if not self.enabled or not self.guard.window_bad(self.device):
             return False
         target = self.state.step
         snapshot, loop = self.start
