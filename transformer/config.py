@@ -15,7 +15,9 @@ from transformer.schedule import SCHEDULES
 
 @dataclass
 class MaskingConfig:
-    schedule: str = "cosine"  # mask schedule gamma, shared with decoding
+    # mask schedule gamma, shared with decoding; arccos measured better than MaskGIT's cosine on the recipe
+    # ladder (BENCHMARKS.md: generation SWD -3.6 [-6.0, -1.3] x1e3, 3 seeds paired)
+    schedule: str = "arccos"
     label_smoothing: float = 0.1
     condition: str = "none"  # "none" or "attrs" (the code file's binary attributes, with CFG dropout)
     sample_steps: int = 8  # decoding steps T for the periodic sample grids
