@@ -35,6 +35,7 @@ from eval.reference import ReferenceStats, load_reference, save_reference
 from eval.score import score_images, score_reconstructions
 from eval.stats import FeatureStats, frechet_distance, kernel_inception_distance
 from eval.swd import SWDConfig, swd
+from transformer.pipeline import DECODE_DEFAULTS
 
 N, RES = 12, 32
 KID_FLAGS = {"subsets": 10, "subset_size": 8}
@@ -408,8 +409,9 @@ def test_cli_gen_and_rfid_wiring_with_stand_ins(cli_run, folders, tmp_path, monk
         return f"model:{tokenizer_ckpt}", f"model:{maskgit_ckpt}", {"config": {
             "masking": {"schedule": "arccos", "sample_steps": 5}, "model": {"grid": [4, 4], "num_codes": 16}}}
 
-    def generate(tok, model, n, batch_size, seed, attrs, progress, steps, schedule):
+    def generate(tok, model, n, batch_size, seed, attrs, progress, steps, schedule, **sampler):
         assert (tok, model, n, seed, attrs, steps, schedule) == ("model:tok.pt", "model:mg.pt", N, 3, None, 5, "arccos")
+        assert sampler.get("order", "confidence") == DECODE_DEFAULTS["order"]  # the shared default reaches eval gen
         yield from reference_images.split(batch_size)
 
     class Identity(torch.nn.Module):
