@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, t_interval
 
 from core.files import FINAL_METRICS
 
@@ -48,16 +48,6 @@ def train(kind: str, precision: str, seed: int, a: argparse.Namespace) -> dict:
     return json.loads(metrics.read_text())
 
 
-def interval(diffs: list[float]) -> tuple[float, float, float]:
-    from scipy import stats
-
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return m, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return m, m - half, m + half
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
@@ -76,7 +66,7 @@ def main() -> None:
             diffs = [b - f for b, f in zip(bf16, fp32)]
             rel = [d / f for d, f in zip(diffs, fp32)] if mode == "relative" else diffs
             met = all(abs(x) <= tol for x in rel)
-            m, lo, hi = interval(rel)
+            m, lo, hi = t_interval(rel)
             rows.append({"kind": kind, "metric": key, "fp32": fp32, "bf16": bf16, "diff": m, "ci": [lo, hi], "met": met})
             unit = "%" if mode == "relative" else " dB"
             scale = 100 if mode == "relative" else 1

@@ -70,3 +70,17 @@ def write_result(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
     print(f"-> {path}")
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean of ``values`` (e.g. per-seed paired differences) and its 95 % Student t confidence interval
+    (n - 1 degrees of freedom); the bounds are nan for a single value."""
+    import statistics
+
+    from scipy import stats
+
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return m, m - half, m + half

@@ -7,6 +7,7 @@
     python bench/ladder.py --data /path/to/images --rungs baseline opt_affine --seeds 0
     python bench/ladder.py --report-only            # rebuild the table and pages from what is on disk
     python bench/ladder.py --rungs l2_replace l2_replace@arccos --seeds 0 1 2  # MaskGIT's mask schedule, paired
+    python bench/ladder.py --rungs l2_replace baseline l2_replace@mg4x baseline@mg4x --seeds 0 1 2  # 4x MaskGIT steps
 
 Huh et al. (ICML 2023) report MaskGIT generation FID on CelebA of 90.5 (baseline VQ) -> 79.7 (+l2
 +replace) -> 74.8 (+OPT +affine). For every rung of ``tokenizer.config.VQ_VARIANTS`` and every seed
@@ -36,13 +37,13 @@ Resumable: each finished stage of each run is recorded in ``<runs-dir>/<rung>/se
 and training stages resume from their checkpoints, so a killed ladder continues where it stopped
 (re-run the same command). Parallel: several copies of the same command share the runs (each run
 directory is locked by the process working on it); on a machine with more cores than one run uses,
-start one copy per free core group, then ``--report-only`` for the complete table. Outputs in ``--runs-dir`` (default runs/ladder): ladder.json, ladder.md,
-index.html, samples.png (one column per rung), codes_used.png.
+start one copy per free core group, then ``--report-only`` for the complete table. Outputs in ``--runs-dir``
+(default runs/ladder): ladder.json, ladder.md, index.html, samples.png (one column per rung), seeds.png,
+codes_used.png; bench/ladder_report.py builds them.
 """
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import shutil
@@ -52,42 +53,41 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from common import DEFAULT_DATA, ROOT, resolve_image_folder  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import DEFAULT_DATA, ROOT, resolve_image_folder
+from ladder_report import LABELS, REFERENCE_RUNG, budget_table, comparisons, figures, table, write_pages
 
 from core.files import final_metrics_path  # noqa: E402
 from tokenizer.config import VQ_VARIANTS, variant_overrides  # noqa: E402
 
 RUNGS = ["l2_replace", "baseline", "all", "seed_recipe", "opt_commit", "opt", "opt_renorm", "affine", "opt_affine"]
-LABELS = {"baseline": "baseline", "l2_replace": "+l2 +replace", "affine": "+affine", "opt": "+OPT",
-          "opt_affine": "+OPT +affine", "all": "all (+k-means)", "opt_commit": "+OPT, commitment kept",
-          "opt_renorm": "+OPT, W renormalized", "seed_recipe": "reference's recommended layer", "fsq": "FSQ",
-          "lfq": "LFQ", "rotation": "VQ + rotation trick", "simvq": "SimVQ"}
-REFERENCE_RUNG = "l2_replace"  # every rung is compared with this one, seed by seed
 # Stage-two variants: "<rung>@<variant>" trains only MaskGIT differently, on the tokenizer and codes of
 # "<rung>" with the same seed (linked, not retrained), so its pair with "<rung>" differs in MaskGIT alone.
-MG_VARIANTS = {"arccos": ["masking.schedule=arccos"]}
+# "overrides" are MaskGIT config overrides; "mg_steps" multiplies the setting's MaskGIT steps. A variant
+# with more steps is a budget: its rungs are compared with the reference rung at the same budget
+# ("<reference>@<variant>"), and the report says how the ranking moves from the setting's budget to it.
+MG_VARIANTS = {"arccos": {"overrides": ["masking.schedule=arccos"], "label": "MaskGIT arccos"},
+               "mg4x": {"overrides": [], "mg_steps": 4, "label": "4x MaskGIT steps"}}
 # The ladder's sampler, spelled out so that a change of sample.py's defaults never changes a rung's numbers
 # (MaskGIT's reference sampler: confidence order, Gumbel noise 4.5 annealed linearly, temperature 1).
 DECODING = ["--steps", "8", "--order", "confidence", "--choice-temperature", "4.5", "--choice-schedule", "linear",
             "--temperature", "1.0"]
-LABELS.update({f"{r}@{v}": f"{LABELS.get(r, r)}, MaskGIT {v}" for r in VQ_VARIANTS for v in MG_VARIANTS})
-RECORDS = ROOT / "bench" / "results"
-# The paper's MaskGIT-on-CelebA generation FID (read off its figure, about +-0.5); other rungs not reported.
-PAPER_FID = {"baseline": 90.5, "l2_replace": 79.7, "opt_affine": 74.8}
-PAPER_RFID = {"baseline": 93.8, "l2_replace": 86.3, "opt_affine": 74.2}
+LABELS.update({f"{r}@{v}": f"{LABELS.get(r, r)}, {spec['label']}" for r in VQ_VARIANTS for v, spec in MG_VARIANTS.items()})
 
-# Budgets. "cpu": 12 runs (6 rungs x 2 seeds) of about 7-8 minutes each on 2 idle cores, an estimate from
+
+def reference_of(rung: str) -> str:
+    """The rung that ``rung`` is paired with: the reference rung, at the same MaskGIT budget."""
+    variant = rung.partition("@")[2]
+    return f"{REFERENCE_RUNG}@{variant}" if MG_VARIANTS.get(variant, {}).get("mg_steps", 1) != 1 else REFERENCE_RUNG
+
+RECORDS = ROOT / "bench" / "results"
+
 # MaskGIT's mask schedule of the record's runs (made when cosine was the default): kept so that later runs
 # pair with them; the "@arccos" variants override it.
 MG_BASE = ["masking.schedule=cosine"]
-# the per-step rates of the tiny presets (about 1.5 hours in all; several copies of the command share the
-# runs on a larger machine); "smoke" is the test suite's; "gpu64" is the documented setting for one GPU at
-# the paper's CelebA resolution (not measured on this project's machines).
+# Budgets. "cpu": one run (rung x seed) takes about 12 minutes on one core of this project's 2-core machine
+# (two copies of the command share the runs); "cpu_long" retrains both stages with more steps; "smoke" is
+# the test suite's; "gpu64" is the documented setting for one GPU at the paper's CelebA resolution (not
+# measured on this project's machines).
 SETTINGS = {
     "cpu": dict(resolution=32, tok_preset="tiny", mg_preset="tiny", tok_steps=1000, mg_steps=600, samples=1000,
                 reference=1000, tok_args=["optim.warmup_steps=50"], mg_args=MG_BASE),
@@ -232,6 +232,8 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
         for name in ("tokenizer", "codes"):
             (d / name).symlink_to((source / name).resolve(), target_is_directory=True)
 
+    mg_steps = s["mg_steps"] * MG_VARIANTS.get(variant, {}).get("mg_steps", 1)
+
     def stage(name: str, fn) -> None:
         if name in done:
             return
@@ -249,8 +251,9 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
     stage("codes", lambda: run(["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)], log))
     stage("maskgit", lambda: run([
         "train_maskgit.py", "--preset", s["mg_preset"], "--run-dir", str(mg), "--resume", "--codes", str(codes),
-        "--tokenizer", str(tok / "checkpoint.pt"), f"optim.steps={s['mg_steps']}", f"optim.seed={seed}",
-        f"log.ckpt_every={max(s['mg_steps'] // 4, 1)}", *s["mg_args"], *MG_VARIANTS.get(variant, [])], log))
+        "--tokenizer", str(tok / "checkpoint.pt"), f"optim.steps={mg_steps}", f"optim.seed={seed}",
+        f"log.ckpt_every={max(mg_steps // 4, 1)}", *s["mg_args"], *MG_VARIANTS.get(variant, {}).get("overrides", [])],
+        log))
 
     def sample() -> None:
         shutil.rmtree(d / "samples", ignore_errors=True)  # a half-written set from a killed run
@@ -289,175 +292,6 @@ def collect(d: Path) -> dict:
     return out
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds (0 for one seed)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def paired(a: dict, b: dict, key: str) -> dict | None:
-    """Paired comparison of ``key`` between runs ``a`` and ``b`` (seed -> numbers) on their common seeds:
-    the differences a - b, their mean, 95 % confidence interval (Student t, n - 1 degrees of freedom)
-    and the paired t-test's two-sided p-value. None with fewer than two common seeds."""
-    from scipy import stats
-
-    seeds = sorted(set(a) & set(b), key=lambda k: int(k.removeprefix("seed")))
-    diffs = [a[k][key] - b[k][key] for k in seeds if a[k].get(key) is not None and b[k].get(key) is not None]
-    if len(diffs) < 2:
-        return None
-    n, m = len(diffs), statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, n - 1) * sd / n**0.5
-    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if m != 0 else 1.0)
-    return {"n": n, "diffs": diffs, "mean": m, "ci": [m - half, m + half], "p": p}
-
-
-def verdict(c: dict | None, lower_is_better: bool = True) -> str:
-    if c is None:
-        return "fewer than 2 paired seeds"
-    lo, hi = c["ci"]
-    if lo <= 0 <= hi:
-        return "not separated"
-    return "better" if (hi < 0) == lower_is_better else "worse"
-
-
-COLUMNS = [("psnr", "tokenizer PSNR dB", ".2f"), ("perplexity", "perplexity", ".1f"), ("codes_used", "codes used", ".1%"),
-           ("ste_error", "STE error", ".4f"), ("rswd", "reconstruction SWD x1e3", ".2f"),
-           ("rfid", "reconstruction FID", ".2f"), ("masked_accuracy", "MaskGIT masked acc.", ".3f"),
-           ("swd", "generation SWD x1e3", ".2f"), ("fid", "generation FID", ".2f"), ("kid", "KID", ".4f")]
-# The paired comparisons shown: (key, label, lower is better)
-COMPARED = [("swd", "generation SWD x1e3", True), ("rswd", "reconstruction SWD x1e3", True),
-            ("psnr", "tokenizer PSNR dB", False), ("fid", "generation FID", True)]
-
-
-def table(results: dict, floors: dict) -> tuple[list[str], list[str]]:
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for runs in results.values() for r in runs.values())]
-    header = ["rung", "seeds", *[c[1] for c in cols], "paper rFID", "paper FID"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rung, runs in results.items():
-        cells = [LABELS.get(rung, rung), str(len(runs))]
-        for key, _, spec in cols:
-            vals = [r[key] for r in runs.values() if r.get(key) is not None]
-            if not vals:
-                cells.append("n/a")
-                continue
-            m, sd = mean_sd(vals)
-            cells.append(f"{format(m, spec)} ± {format(sd, spec)}" if len(vals) > 1 else format(m, spec))
-        cells += [str(PAPER_RFID.get(rung, "—")), str(PAPER_FID.get(rung, "—"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    # Generation is scored against held-out images, so real train images set its floor; reconstruction
-    # SWD is paired (each image against its own reconstruction), so its floor is 0.
-    floor_of = {**floors, "rswd": 0.0}
-    floor_cells = ["real images (floor)", "—"] + [
-        format(floor_of[k], spec) if k in floor_of else "—" for k, _, spec in cols] + ["—", "—"]
-    lines.append("| " + " | ".join(floor_cells) + " |")
-    return header, lines
-
-
-def comparisons(results: dict) -> tuple[dict, list[str]]:
-    """Every rung against ``REFERENCE_RUNG``, paired by seed; a markdown table and the raw numbers."""
-    ref = results.get(REFERENCE_RUNG, {})
-    keys = [c for c in COMPARED if any(r.get(c[0]) is not None for runs in results.values() for r in runs.values())]
-    header = ["rung", "paired seeds", *[f"{label}: difference [95% CI], p" for _, label, _ in keys],
-              "verdict (generation SWD)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    raw: dict = {}
-    for rung, runs in results.items():
-        if rung == REFERENCE_RUNG:
-            continue
-        raw[rung] = {key: paired(runs, ref, key) for key, _, _ in keys}
-        cells = [LABELS.get(rung, rung), str(len(set(runs) & set(ref)))]
-        for key, _, lower in keys:
-            c = raw[rung][key]
-            cells.append("—" if c is None else f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], "
-                                               f"p = {c['p']:.3f} ({verdict(c, lower)})")
-        raw[rung]["verdict"] = verdict(raw[rung].get("swd"))
-        cells.append(raw[rung]["verdict"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return raw, lines
-
-
-def figures(results: dict, out: Path) -> None:
-    rungs = [r for r in results if results[r]]
-    first = {r: sorted(results[r])[0] for r in rungs}
-    fig, axes = plt.subplots(1, len(rungs), figsize=(2.6 * len(rungs), 2.9), squeeze=False)
-    for ax, rung in zip(axes[0], rungs):
-        grid = Path(out) / rung / first[rung] / "samples_grid.png"
-        if grid.exists():
-            ax.imshow(Image.open(grid), interpolation="nearest")
-        ax.set_title(f"{LABELS.get(rung, rung)}\n({first[rung]})", fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    # Seed spread: every run's generation SWD, one line per seed across the rungs (the pairs compared).
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rungs)), 3.6))
-    seeds = sorted({k for r in rungs for k in results[r]}, key=lambda k: int(k.removeprefix("seed")))
-    for j, seed in enumerate(seeds):
-        xs = [i for i, r in enumerate(rungs) if seed in results[r]]
-        ax.plot(xs, [results[rungs[i]][seed]["swd"] for i in xs], "o-", color=f"C{j}", alpha=0.6, ms=4, lw=0.8,
-                label=seed)
-    means = [statistics.fmean(r["swd"] for r in results[rung].values()) for rung in rungs]
-    ax.scatter(range(len(rungs)), means, marker="_", s=600, color="black", zorder=3, label="mean")
-    ax.set_xticks(range(len(rungs)), [LABELS.get(r, r) for r in rungs], rotation=25, ha="right", fontsize=8)
-    ax.set(ylabel="generation SWD x1e3 (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "seeds.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    for rung in rungs:
-        for i, (seed, r) in enumerate(sorted(results[rung].items())):
-            steps, used = zip(*r["usage_curve"]) if r["usage_curve"] else ((), ())
-            ax.plot(steps, used, color=f"C{rungs.index(rung)}", alpha=1.0 if i == 0 else 0.45,
-                    label=LABELS.get(rung, rung) if i == 0 else None)
-    ax.set(xlabel="tokenizer training step", ylabel="fraction of codes used (log window)", ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "codes_used.png", dpi=110)
-    plt.close(fig)
-
-
-def write_pages(out: Path, meta: dict, lines: list[str], paired_lines: list[str]) -> None:
-    md = [f"# Generation ladder ({meta['setting']})", "", f"Command: `{meta['command']}`", "",
-          "![samples, one column per rung](samples.png)", "", "Mean ± standard deviation over seeds:", "", *lines, "",
-          f"Paired by seed against {LABELS[REFERENCE_RUNG]} (rung minus reference; 95 % t interval; a verdict only "
-          "where the interval excludes 0):", "", *paired_lines, "",
-          "![generation SWD of every run, one line per seed](seeds.png)", "",
-          "![codes used during tokenizer training](codes_used.png)", "", "Protocol:", "",
-          "```json", json.dumps({k: v for k, v in meta.items() if k != "command"}, indent=2), "```", ""]
-    (out / "ladder.md").write_text("\n".join(md))
-    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row)  # noqa: E731
-
-    def html_table(md_lines: list[str]) -> str:
-        rows = [line.strip("|").split("|") for line in md_lines if not line.startswith("|---")]
-        body = "".join("<tr>" + cells(r, "td") + "</tr>" for r in rows[1:])
-        return '<div class="wrap"><table><tr>' + cells(rows[0], "th") + "</tr>" + body + "</table></div>"
-
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Generation ladder</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em}}
-img{{max-width:100%;image-rendering:pixelated}}table{{border-collapse:collapse;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}.wrap{{overflow-x:auto}}img.strip{{max-width:none;height:300px}}</style></head><body>
-<h1>Generation ladder ({html.escape(meta['setting'])})</h1>
-<div class="wrap"><img class="strip" src="samples.png" alt="samples of every rung"></div>
-{html_table(lines)}
-<p>Mean ± standard deviation over seeds. SWD x1e3 between {meta['samples']} samples and {meta['reference']['val']}
-held-out real images; the floor row scores {meta['reference']['train']} real train images the same way (the
-reconstruction SWD pairs each image with its own reconstruction: its floor is 0). STE error: mean((z - z_q)^2)
-over the tokenizer's last 100 steps.</p>
-<h2>Paired by seed against {html.escape(LABELS[REFERENCE_RUNG])}</h2>
-<p>Rung minus reference, seed by seed (same data order and initial weights); mean difference, 95 % t interval,
-paired t-test p. "better" / "worse" only where the interval excludes 0.</p>
-{html_table(paired_lines)}
-<p><img src="seeds.png" alt="generation SWD of every run, one line per seed"></p>
-<p><img src="codes_used.png" alt="codes used during tokenizer training"></p>
-<details><summary>protocol</summary><pre>{html.escape(json.dumps(meta, indent=2))}</pre></details>
-</body></html>
-"""
-    (out / "index.html").write_text(page)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
@@ -465,7 +299,8 @@ def main() -> None:
                    help="VQ rungs, or <rung>@<variant> for a MaskGIT variant on that rung's tokenizer "
                         f"({', '.join(MG_VARIANTS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--data", default=DEFAULT_DATA, help="image folder, CelebA folder, the shared tarball's folder, or 'procedural'")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="image folder, CelebA folder, the shared tarball's folder, or 'procedural'")
     p.add_argument("--runs-dir", default="runs/ladder")
     p.add_argument("--tok-steps", type=int, help="override the setting's tokenizer steps")
     p.add_argument("--mg-steps", type=int, help="override the setting's MaskGIT steps")
@@ -533,7 +368,9 @@ def main() -> None:
     if not results:
         raise SystemExit("ladder: no finished run to report yet")
     header, lines = table(results, floors)
-    paired_raw, paired_lines = comparisons(results)
+    paired_raw, paired_lines = comparisons(results, {r: reference_of(r) for r in results})
+    budget_lines = [line for v, spec in MG_VARIANTS.items() if spec.get("mg_steps", 1) != 1
+                    for line in budget_table(results, v, LABELS[f"{REFERENCE_RUNG}@{v}"])]
     figures(results, out)
     meta = {"command": "python bench/ladder.py " + " ".join(sys.argv[1:]), "setting": a.setting, **s,
             "data": str(folder), "seeds": a.seeds,
@@ -544,9 +381,10 @@ def main() -> None:
             "weights": "EMA (tokenizer and MaskGIT)", "floors": floors, "elapsed_s_this_call": time.time() - t0,
             "date": time.strftime("%Y-%m-%d")}
     (out / "ladder.json").write_text(json.dumps({"meta": meta, "results": results, "table": lines,
-                                                 "paired": paired_raw, "paired_table": paired_lines}, indent=2) + "\n")
-    write_pages(out, meta, lines, paired_lines)
-    print("\n".join(lines + [""] + paired_lines))
+                                                 "paired": paired_raw, "paired_table": paired_lines,
+                                                 "budget_table": budget_lines}, indent=2) + "\n")
+    write_pages(out, meta, lines, paired_lines, budget_lines)
+    print("\n".join(lines + [""] + paired_lines + budget_lines))
     print(f"-> {out / 'ladder.md'}, {out / 'index.html'}")
 
 

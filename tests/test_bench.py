@@ -132,7 +132,7 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
     assert (variant / "tokenizer").resolve() == (runs / "opt_affine" / "seed0" / "tokenizer").resolve()
     mg_cfg = json.loads((variant / "maskgit" / "config.json").read_text())
     assert mg_cfg["masking"]["schedule"] == "arccos"
-    assert result["meta"]["rungs"]["opt_affine@arccos"]["maskgit"] == ["masking.schedule=arccos"]
+    assert result["meta"]["rungs"]["opt_affine@arccos"]["maskgit"]["overrides"] == ["masking.schedule=arccos"]
     for rung in ("opt_affine",):
         r = result["results"][rung]["seed0"]
         assert 0 < r["codes_used"] <= 1 and 1 <= r["perplexity"] <= r["num_codes"] and r["swd"] > 0 and r["rswd"] > 0
@@ -158,7 +158,7 @@ def test_ladder_paired_statistics_and_verdicts():
     from scipy import stats
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from ladder import paired, verdict
+    from ladder_report import paired, verdict
 
     ref = {f"seed{i}": {"swd": v} for i, v in enumerate([40.0, 42.0, 41.0, 43.0, 44.0])}
     better = {f"seed{i}": {"swd": v} for i, v in enumerate([38.0, 40.5, 39.0, 41.5, 42.0])}  # ~ -1.8 each
@@ -176,6 +176,32 @@ def test_ladder_paired_statistics_and_verdicts():
     assert verdict(None).startswith("fewer than 2")
     # only the seeds both rungs have are paired
     assert paired({**better, "seed9": {"swd": 0.0}}, ref, "swd")["n"] == 5
+
+
+def test_ladder_budget_variant_pairs_within_its_budget_and_ranks_both():
+    """A MaskGIT budget variant (<rung>@mg4x) is compared with the reference rung at the same budget, and
+    the budget table ranks the rungs at both budgets on the seeds run at both (here the ranking flips)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ladder import MG_VARIANTS, reference_of
+    from ladder_report import budget_table, comparisons
+
+    assert MG_VARIANTS["mg4x"]["mg_steps"] == 4
+    assert reference_of("baseline@mg4x") == "l2_replace@mg4x" and reference_of("baseline@arccos") == "l2_replace"
+    assert reference_of("baseline") == "l2_replace"
+    runs = lambda *v: {f"seed{i}": {"swd": x} for i, x in enumerate(v)}  # noqa: E731
+    results = {"l2_replace": runs(40.0, 41.0, 42.0, 43.0), "baseline": runs(45.0, 47.0, 46.0, 48.0),
+               "l2_replace@mg4x": runs(30.0, 31.0, 32.0), "baseline@mg4x": runs(28.0, 29.5, 30.0)}
+    raw, lines = comparisons(results, {r: reference_of(r) for r in results})
+    assert raw["baseline"]["verdict"] == "worse" and raw["baseline@mg4x"]["verdict"] == "better"
+    assert raw["baseline@mg4x"]["swd"]["diffs"] == [-2.0, -1.5, -2.0]  # against l2_replace@mg4x, not l2_replace
+    table = budget_table(results, "mg4x", "4x MaskGIT steps")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table if line.startswith("| ")}
+    # the setting's budget on the three seeds both have: baseline 46.0 (rank 2, worse), l2 41.0 (rank 1)
+    assert rows["baseline"] == ["3", "46.00", "2", "worse", "29.17", "1", "better"]
+    assert rows["+l2 +replace"] == ["3", "41.00", "1", "reference", "31.00", "2", "reference"]
+    assert budget_table({"l2_replace": results["l2_replace"]}, "mg4x", "x") == []  # nothing at the longer budget
 
 
 def test_ladder_record_merges_runs_of_several_processes(tmp_path):
