@@ -12,6 +12,7 @@ on P either (batched kernels are not required to give bit-identical rows for ano
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,6 +65,33 @@ def gather_on_main(obj: Any, state: Any) -> list[Any] | None:
     out = [None] * state.num_processes if state.is_main_process else None
     torch.distributed.gather_object(obj, out, dst=0)
     return out
+
+
+def ordered_on_main(local: Iterator[Any], n_batches: int, state: Any) -> Iterator[Any]:
+    """The batches of every process, on the main process in batch order: process r's ``local`` yields its
+    ``shard_batches`` (batches r, r + P, ...); round k gathers batch k*P + r from each process r. On the
+    main process this yields all ``n_batches`` batches in the order one process would; elsewhere it yields
+    nothing and just drives ``local`` (iterate it to the end on every process). The main process may stop
+    early (close the generator, e.g. a score that has enough images): the others stop at the next round
+    without computing their next batch. With one process: ``local`` itself."""
+    if state.num_processes == 1:
+        yield from local
+        return
+    rounds = -(-n_batches // state.num_processes)
+    gathered_rounds = 0
+    try:
+        for k in range(rounds):
+            go = [True]
+            dist.broadcast_object_list(go, src=0)  # the main process's "more, please"
+            if not go[0]:
+                return
+            gathered = gather_on_main(next(local, None), state)
+            gathered_rounds = k + 1
+            if state.is_main_process:
+                yield from (b for b in gathered if b is not None)
+    finally:
+        if state.is_main_process and gathered_rounds < rounds:  # closed early: the others wait for round k + 1
+            dist.broadcast_object_list([False], src=0)
 
 
 def distributed() -> bool:

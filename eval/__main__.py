@@ -18,12 +18,13 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import closing
 from pathlib import Path
 
 import torch
 
 from core.errors import guarded
-from core.processes import check_device
+from core.processes import check_device, ordered_on_main, process_state, shard_batches
 from eval.errors import EvalError
 from eval.images import open_images
 from eval.inception import InceptionExtractor, WeightsInfo, find_weights, verify_weights
@@ -50,7 +51,8 @@ def _add_weights_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-unverified-weights", action="store_true",
                    help="accept a file whose sha256 is not 6726825d... (results labelled 'unverified-weights')")
     g.add_argument("--allow-download", action="store_true", help="download the weights if not found locally")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu (gen on several processes: "
+                                                  "each process's own device, cuda:LOCAL_RANK)")
     g.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
 
 
@@ -225,25 +227,38 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_gen(args: argparse.Namespace) -> int:
+    """Generate and score. On several processes (``accelerate launch`` / torchrun) each process generates
+    its share of the batches and the main process scores them all, in the order one process would: the
+    same images and the same numbers for any process count."""
     if args.ref is None and not (args.metrics == "swd" and args.ref_images):
         raise EvalError("gen: --ref (reference statistics) is required, except for --metrics swd with --ref-images")
-    extractor = _extractor(args) if _needs_inception(args) else None
-    reference = load_reference(args.ref) if args.ref else None
+    state = process_state()  # with a launcher: waits here for the other processes
+    args.device = args.device or str(state.device)
+    main = state.is_main_process
+    extractor = _extractor(args) if main and _needs_inception(args) else None
+    reference = load_reference(args.ref) if main and args.ref else None
     tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
     settings = settings_from_args(args, meta)
     attrs = parse_attrs(args.attrs, meta, model)
-    batches = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, attrs=attrs,
-                       progress=False, **settings)
+    shard = (state.process_index, state.num_processes)
+    local = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, attrs=attrs,
+                     progress=False, shard=shard, **settings)
+    batches = ordered_on_main(local, len(shard_batches(args.n, args.gen_batch_size)), state)
+    if not main:
+        for _ in batches:  # generate this process's share; the main process scores
+            pass
+        return 0
     resolution = reference.resolution if reference else tokenizer.cfg.resolution
     swd_batches = _swd_reference_batches(args, reference, resolution)
     metrics = _metrics(args, kid_available=reference is not None and reference.features is not None,
                        swd_available=swd_batches is not None)
     sampling = {"n": args.n, "seed": args.seed, "batch_size": args.gen_batch_size, "attrs": args.attrs, **settings}
-    result = score_images(batches, reference, extractor, metrics=metrics, swd_reference=swd_batches,
-                          swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
-                          keep_features=args.keep_features, total=args.n, progress=True,
-                          protocol={"checkpoints": {"tokenizer": args.tokenizer, "maskgit": args.maskgit},
-                                    "sampling": sampling, "reference_file": args.ref, "command": args.command_line})
+    with closing(batches):  # SWD alone stops at its image cap: the other processes stop with it
+        result = score_images(batches, reference, extractor, metrics=metrics, swd_reference=swd_batches,
+                              swd_config=_swd_config(args), kid_kwargs=_kid_kwargs(args),
+                              keep_features=args.keep_features, total=args.n, progress=True,
+                              protocol={"checkpoints": {"tokenizer": args.tokenizer, "maskgit": args.maskgit},
+                                        "sampling": sampling, "reference_file": args.ref, "command": args.command_line})
     if result.protocol["samples"]["count"] != args.n and metrics & INCEPTION_METRICS:
         raise EvalError(f"gen: the sampler yielded {result.protocol['samples']['count']} images, asked for {args.n}")
     return _finish(args, f"gen_{Path(args.maskgit).stem}_n{args.n}", result)
@@ -309,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gen", help="generate N samples from checkpoints and score them")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--maskgit", required=True)
-    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--num-images", "--n", dest="n", type=int, default=10_000,
+                   help="images to generate and score (--n: the former name; a launcher may take --n for its own)")
     p.add_argument("--seed", type=int, default=0)
     add_decode_flags(p)
     p.add_argument("--gen-batch-size", type=int, default=100)
@@ -343,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # what the user ran, as they would type it again: not the path of this file on this machine
     args.command_line = ["python", "-m", "eval", *(sys.argv[1:] if argv is None else argv)]
+    if args.command != "gen" and getattr(args, "device", "") is None:  # gen: each process's own device
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return guarded(lambda: _check_outputs(args) or args.func(args))
 
 

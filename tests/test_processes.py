@@ -1,4 +1,4 @@
-"""sample.py and pretokenize.py on several processes (core/processes.py): 2 CPU processes (torchrun, gloo)
+"""sample.py, pretokenize.py and ``python -m eval gen`` on several processes (core/processes.py): 2 CPU processes (torchrun, gloo)
 write byte for byte what 1 process writes."""
 import subprocess
 import sys
@@ -12,8 +12,10 @@ from core.processes import shard_batches
 
 
 def _torchrun(port: int, script: str, *args) -> None:
+    """``script`` on 2 CPU processes; "-m eval" runs the eval package."""
+    target = ["-m", "eval"] if script == "-m eval" else [str(ROOT / script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / script), *map(str, args)]
+           *target, *map(str, args)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -67,3 +69,28 @@ def test_two_processes_pretokenize_the_same_codes_as_one(tiny_runs, entry, tmp_p
     assert (tmp_path / "one" / "codes.json").read_text() == (tmp_path / "two" / "codes.json").read_text()
     train = np.load(tmp_path / "one" / "train.npy")
     assert len(train) % 2 == 0 and not np.array_equal(train[: len(train) // 2], train[len(train) // 2 :])  # flips
+
+
+@pytest.mark.parametrize("cap", [None, 4])
+def test_two_processes_score_the_same_generation_as_one(tiny_runs, entry, tmp_path, cap):
+    """eval gen on 2 processes: the main process scores every process's batches in one process's order, so
+    the report's numbers are the same; with an SWD image cap below --n the main process stops early and
+    the other stops with it (no hang)."""
+    import json
+
+    from PIL import Image
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    args = ["gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"], "--num-images", 7,
+            "--gen-batch-size", 2, "--seed", 3, "--metrics", "swd", "--ref-images", ref, "--ref-resize",
+            "--report-dir", tmp_path, *(["--swd-max-images", cap] if cap else [])]
+    assert entry("eval", *args, "--name", "one")[0] == 0
+    _torchrun(29535 + bool(cap), "-m eval", *args, "--name", "two")
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert one["metrics"] == two["metrics"] and one["metrics"]["SWD_x1e3_mean"] > 0
+    assert one["protocol"]["samples"] == two["protocol"]["samples"]
+    assert one["protocol"]["samples"]["count"] == (cap or 7)
