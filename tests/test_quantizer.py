@@ -1,6 +1,7 @@
 """Invariants of the straightened VQ layer (docs/method.md section 2), parametrized over its options."""
 import itertools
 import resource
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,46 @@ def test_chunked_search_equals_brute_force():
     torch.manual_seed(10)
     z, c = torch.randn(1000, 16), torch.randn(300, 16)
     assert torch.equal(nearest_code(z, c, chunk_elems=3000), torch.cdist(z, c).argmin(1))
+
+
+def test_compiled_search_picks_the_same_codes_ties_included():
+    """vq.search=compiled (torch.compile'd argmin): the eager search's indices at every chunk size, the
+    first of two equal codes on a tie, and a layer with it trains to the same state as one without."""
+    torch.manual_seed(12)
+    z, c = torch.randn(1000, 16), torch.randn(300, 16)
+    c[7] = c[3]  # a tie: both searches take code 3
+    z[:5] = c[3]
+    for chunk in (3000, 40_000, 2**24):  # 10 rows, 133 rows (a short last chunk), one chunk
+        assert torch.equal(nearest_code(z, c, chunk, search="compiled"), nearest_code(z, c, chunk))
+    assert nearest_code(z, c, search="compiled")[:5].tolist() == [3] * 5
+    layers = [VectorQuant(16, 64, search=s, replace_freq=2, affine_lr=1.0) for s in ("eager", "compiled")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    for vq in layers:
+        torch.manual_seed(0)
+        for _ in range(3):
+            z_q, info = vq(torch.randn(256, 16))
+            info["loss"].backward()
+    states = [{k: v for k, v in vq.state_dict().items() if torch.is_tensor(v)} for vq in layers]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ValueError, match="search must be one of eager, compiled"):
+        VectorQuant(16, 64, search="fused")
+
+
+def test_compiled_search_without_a_compiler_warns_once_and_searches_eagerly(monkeypatch):
+    import tokenizer.kmeans as km
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(km, "_compiled_argmin", None)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    z, c = torch.randn(500, 8), torch.randn(50, 8)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eager search"):
+        q = nearest_code(z, c, search="compiled")
+    assert torch.equal(q, nearest_code(z, c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next search does not warn again
+        assert torch.equal(nearest_code(z, c, search="compiled"), q)
 
 
 def test_large_search_never_allocates_full_matrix():
