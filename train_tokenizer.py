@@ -195,8 +195,8 @@ def main() -> int | None:
         advance(strict=kmeans_pending or o.nan_check == "step")
         step = state.step
         bar.update(1)
-        stopping = stop.agreed(accelerator.device)
         logs_now, images_now, ckpt_now = cfg.log.due(step, o.steps)
+        stopping = stop.agreed(accelerator.device, due=logs_now or images_now or ckpt_now)
         if not (logs_now or images_now or ckpt_now or stopping):
             continue  # a step inside the window: nothing read on the host
         rollback.settle(lambda: advance(strict=True))

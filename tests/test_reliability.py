@@ -317,19 +317,20 @@ def _agree(rank, world, init, out):
     stop = StopSignal()
     if rank == 0:
         stop.requested = "SIGTERM"
-    decisions = [NonFiniteGuard("skip").bad(loss), stop.agreed(torch.device("cpu")),
-                 NonFiniteGuard("skip").bad(torch.tensor(0.5))]
+    decisions = [NonFiniteGuard("skip").bad(loss), stop.agreed(torch.device("cpu"), due=False),
+                 stop.agreed(torch.device("cpu")), NonFiniteGuard("skip").bad(torch.tensor(0.5))]
     (out / f"rank{rank}.json").write_text(json.dumps(decisions))
     dist.destroy_process_group()
 
 
 def test_nan_and_stop_decisions_are_taken_by_all_ranks_together(tmp_path):
     """A NaN on one rank skips the step on every rank, a SIGTERM to one rank stops them all: a decision taken
-    per rank would leave the others waiting in a collective (a hang). Two CPU processes, gloo."""
+    per rank would leave the others waiting in a collective (a hang). The stop is agreed only at a step
+    that is due (logs, images, checkpoint): before it, no rank stops. Two CPU processes, gloo."""
     import torch.multiprocessing as mp
 
     mp.spawn(_agree, args=(2, f"file://{tmp_path / 'rendezvous'}", tmp_path), nprocs=2, join=True)
-    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, True, False]] * 2
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[True, False, True, False]] * 2
 
 
 @pytest.mark.slow
@@ -345,7 +346,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(tmp_path):
     children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
     rank1 = next(int(c) for c in children if b"LOCAL_RANK=1" in open(f"/proc/{c}/environ", "rb").read().split(b"\0"))
     os.kill(rank1, signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode != 0 and "checkpoint saved" in err, err[-2000:]  # stopped, not finished
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "checkpoint saved" in out + err, err[-2000:]  # stopped, not finished
     replicas = json.loads((run / "replicas.json").read_text())
     assert len(set(replicas["checksums"])) == 1 and load_checkpoint(run / "checkpoint.pt")["step"] == replicas["step"]

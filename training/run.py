@@ -24,7 +24,7 @@ from core.config import ConfigError, apply_overrides, stored_config, to_dict
 from core.errors import UserError
 from core.files import write_json, write_text
 from core.finite import DeviceFlag, deferred
-from core.processes import all_ranks_any, multi_cpu
+from core.processes import all_ranks_any, distributed, multi_cpu
 
 T = TypeVar("T")
 
@@ -231,7 +231,11 @@ class StopSignal:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits with
     ``exit_status`` (128 + the signal: 130 for Ctrl-C, 143 for SIGTERM), never 0, so that
     ``train && next_stage`` and make stop at an unfinished model. ``agreed`` makes the decision
-    together: a signal to one process stops them all at the same step."""
+    together: a signal to one process stops them all at the same step. With one process the flag is
+    read at every step (a Python bool, no device read); with several, the processes agree (one
+    all-reduce and a host read) only at the steps the loop passes as ``due`` (those that log, write
+    images or checkpoint), so the steps between them never wait on the host: a signal then takes effect
+    at the next such step, at most ``log.log_every`` steps later. A second signal stops at once."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -248,7 +252,11 @@ class StopSignal:
     def exit_status(self) -> int:
         return 128 + int(self.signum)
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device: torch.device, due: bool = True) -> bool:
+        if not distributed():
+            return self.requested is not None
+        if not due:
+            return False
         if all_ranks_any(self.requested is not None, device) and self.requested is None:
             self.requested = "stop requested on another process"
         return self.requested is not None
