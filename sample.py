@@ -76,6 +76,9 @@ def main() -> None:
         raise UserError(f"--num-images must be >= 0, got {args.num_images}")
     if args.box and args.mask:
         raise UserError("--box and --mask both give the region to regenerate: give one of them")
+    if (args.box or args.mask or args.outpaint) and not args.inpaint:
+        flag = "--box" if args.box else "--mask" if args.mask else "--outpaint"
+        raise UserError(f"{flag} edits a picture: give it with --inpaint PICTURE (without it {flag} would be ignored)")
     if args.inpaint and not Path(args.inpaint).is_file():
         raise UserError(f"--inpaint {args.inpaint}: no such file")
     if args.mask and not Path(args.mask).is_file():

@@ -296,6 +296,9 @@ SAMPLE_BAD_INPUTS = [
     (["--inpaint", "/nonexistent.png", "--box", "0,0,8,8"], "--inpaint /nonexistent.png: no such file"),
     (["--inpaint", ROOT / "docs/demo.png", "--box", "0,0,8,8", "--mask", ROOT / "docs/demo.png"],
      "--box and --mask both give the region to regenerate: give one of them"),  # two regions: refused, not one ignored
+    (["--box", "0,0,8,8"], "--box edits a picture: give it with --inpaint"),  # refused, not silently ignored
+    (["--mask", ROOT / "docs/demo.png"], "--mask edits a picture: give it with --inpaint"),
+    (["--outpaint"], "--outpaint edits a picture: give it with --inpaint"),
     (["--cfg-power", "0"], "--cfg-power must lie in [0.01, 20], got 0"),
     (["--temperature-end", "nan"], "--temperature-end must lie in [0, 10], got nan"),
     (["--device", "nonsense"], "--device 'nonsense' is not a device"),
