@@ -235,11 +235,11 @@ def cmd_gen(args: argparse.Namespace) -> int:
     state = process_state()  # with a launcher: waits here for the other processes
     args.device = args.device or str(state.device)
     main = state.is_main_process
+    tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
+    settings = settings_from_args(args, meta)  # the sampler's flags, checked before Inception and the reference load
+    attrs = parse_attrs(args.attrs, meta, model)
     extractor = _extractor(args) if main and _needs_inception(args) else None
     reference = load_reference(args.ref) if main and args.ref else None
-    tokenizer, model, meta = load_models(args.tokenizer, args.maskgit, ema=True, device=args.device)
-    settings = settings_from_args(args, meta)
-    attrs = parse_attrs(args.attrs, meta, model)
     shard = (state.process_index, state.num_processes)
     local = generate(tokenizer, model, n=args.n, batch_size=args.gen_batch_size, seed=args.seed, attrs=attrs,
                      progress=False, shard=shard, **settings)
