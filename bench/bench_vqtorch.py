@@ -15,9 +15,6 @@ Rows, fp32 on CPU, one training step = ``vq(z)`` + ``(loss + <out, g>).backward(
   synchronized STE (nu 0.2), dead-code replacement every 20 steps (vqtorch's README example plus l2).
 * ``search``: the nearest-code search alone (our ``nearest_code``, vqtorch's ``euclidean_cdist_topk``).
 
-Ours runs twice: with the eager search (``vq.search=eager``, the default) and with the compiled argmin
-(``vq.search=compiled``: ``torch.compile``, so a C++ compiler; its compile time falls in the warm-up).
-
 ``floor`` is the time of the matmul that the search needs, ``(N, d) x (d, K)`` in fp32 = 2 N K d FLOPs,
 measured here in the same process, in the row chunks our search uses (about 8 MiB of scores, at most
 2^24, into one reused buffer, so that N = K = 65,536 fits): ours / floor is what everything besides
@@ -99,7 +96,6 @@ def worker(a: argparse.Namespace) -> dict:
     if a.config == "search":
         codebook = torch.randn(a.k, a.d, generator=gen)
         fns["ours"] = lambda: nearest_code(z, codebook)
-        fns["compiled"] = lambda: nearest_code(z, codebook, search="compiled")
         if not isinstance(vqtorch, str):
             from vqtorch.dists import euclidean_cdist_topk
             fns["vqtorch"] = lambda: euclidean_cdist_topk(z[None], codebook)["q"].reshape(-1)
@@ -107,8 +103,6 @@ def worker(a: argparse.Namespace) -> dict:
     else:
         zg = z.clone().requires_grad_(True)
         layers["ours"] = VectorQuant(a.d, a.k, dim=-1, **CONFIGS[a.config]["ours"]).train()
-        layers["compiled"] = VectorQuant(a.d, a.k, dim=-1, search="compiled", **CONFIGS[a.config]["ours"]).train()
-        layers["compiled"].load_state_dict(layers["ours"].state_dict())
         if not isinstance(vqtorch, str):
             layers["vqtorch"] = vqtorch.nn.VectorQuant(a.d, a.k, dim=-1, **CONFIGS[a.config]["vqtorch"]).train()
             with torch.no_grad():  # same codebook -> same assignments -> same work
@@ -138,7 +132,6 @@ def worker(a: argparse.Namespace) -> dict:
             elif name != "floor":
                 first[name] = q
     result = {name: 1e3 * min(t) for name, t in times.items()}
-    result["compiled_agree"] = (first["ours"] == first["compiled"]).float().mean().item()
     if "vqtorch" in first:
         result["agree"] = (first["ours"] == first["vqtorch"]).float().mean().item()
     if isinstance(vqtorch, str):
@@ -158,16 +151,15 @@ def run_worker(a: argparse.Namespace, config: str, n: int, d: int, k: int) -> di
 
 
 def table(rows: list[dict]) -> list[str]:
-    header = ("config", "N", "d", "K", "ours ms", "compiled ms", "vqtorch ms", "ours / vqtorch", "compiled / vqtorch",
-              "GEMM floor ms", "ours / floor", "compiled / floor", "agree")
-    ratio = lambda a, b: fmt(a / b if a and b else None, ".2f")  # noqa: E731
+    header = ("config", "N", "d", "K", "ours ms", "vqtorch ms", "ours / vqtorch", "GEMM floor ms", "ours / floor",
+              "agree")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        ours, comp, peer, floor = r.get("ours"), r.get("compiled"), r.get("vqtorch"), r.get("floor")
+        ours, peer, floor = r.get("ours"), r.get("vqtorch"), r.get("floor")
         lines.append("| " + " | ".join([
-            r["config"], f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", fmt(ours, ".1f"), fmt(comp, ".1f"), fmt(peer, ".1f"),
-            ratio(ours, peer), ratio(comp, peer), fmt(floor, ".1f"), ratio(ours, floor), ratio(comp, floor),
-            fmt(r.get("agree"), ".4f")]) + " |")
+            r["config"], f"{r['n']:,}", str(r["d"]), f"{r['k']:,}", fmt(ours, ".1f"), fmt(peer, ".1f"),
+            fmt(ours / peer if ours and peer else None, ".2f"), fmt(floor, ".1f"),
+            fmt(ours / floor if ours and floor else None, ".2f"), fmt(r.get("agree"), ".4f")]) + " |")
     return lines
 
 
@@ -217,8 +209,7 @@ def main() -> None:
     for config, n, d, k in jobs:
         r = {"config": config, "n": n, "d": d, "k": k, **run_worker(a, config, n, d, k)}
         rows.append(r)
-        print(f"  {config} N={n} d={d} K={k}: ours {fmt(r.get('ours'), '.1f')} ms, "
-              f"compiled {fmt(r.get('compiled'), '.1f')} ms, vqtorch "
+        print(f"  {config} N={n} d={d} K={k}: ours {fmt(r.get('ours'), '.1f')} ms, vqtorch "
               f"{fmt(r.get('vqtorch'), '.1f')} ms, floor {fmt(r.get('floor'), '.1f')} ms", file=sys.stderr, flush=True)
         meta["load_average_after"] = os.getloadavg()
         out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table(rows)}, indent=2) + "\n")

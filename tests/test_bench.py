@@ -99,7 +99,6 @@ def test_vqtorch_bench_measures_ours_and_the_floor(tmp_path):
         ("plain", 256, 16, 64), ("trained", 256, 16, 64), ("search", 256, 16, 128)]
     for r in result["rows"]:
         assert r["ours"] > 0 and r["floor"] > 0
-        assert r["compiled"] > 0 and r["compiled_agree"] == 1.0  # the compiled search picks the same codes
         if vqtorch:
             assert r["vqtorch"] > 0 and r["agree"] > 0.99
         else:

@@ -1,7 +1,6 @@
 """Invariants of the straightened VQ layer (docs/method.md section 2), parametrized over its options."""
 import itertools
 import resource
-import warnings
 
 import pytest
 import torch
@@ -203,44 +202,29 @@ def test_chunked_search_equals_brute_force():
     assert torch.equal(nearest_code(z, c, chunk_elems=3000), torch.cdist(z, c).argmin(1))
 
 
-def test_compiled_search_picks_the_same_codes_ties_included():
-    """vq.search=compiled (torch.compile'd argmin): the eager search's indices at every chunk size, the
-    first of two equal codes on a tie, and a layer with it trains to the same state as one without."""
-    torch.manual_seed(12)
-    z, c = torch.randn(1000, 16), torch.randn(300, 16)
-    c[7] = c[3]  # a tie: both searches take code 3
-    z[:5] = c[3]
-    for chunk in (3000, 40_000, 2**24):  # 10 rows, 133 rows (a short last chunk), one chunk
-        assert torch.equal(nearest_code(z, c, chunk, search="compiled"), nearest_code(z, c, chunk))
-    assert nearest_code(z, c, search="compiled")[:5].tolist() == [3] * 5
-    layers = [VectorQuant(16, 64, search=s, replace_freq=2, affine_lr=1.0) for s in ("eager", "compiled")]
-    layers[1].load_state_dict(layers[0].state_dict())
-    for vq in layers:
-        torch.manual_seed(0)
-        for _ in range(3):
-            z_q, info = vq(torch.randn(256, 16))
-            info["loss"].backward()
-    states = [{k: v for k, v in vq.state_dict().items() if torch.is_tensor(v)} for vq in layers]
-    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    with pytest.raises(ValueError, match="search must be one of eager, compiled"):
-        VectorQuant(16, 64, search="fused")
+@pytest.mark.parametrize("k", [64, 128, 1000, 1024, 4096])
+def test_blocked_argmin_is_torch_argmin_ties_included(k):
+    """row_argmin (block minima, then the first block holding the row's minimum, then inside it) returns
+    torch.argmin's index: the first occurrence of the minimum, also across blocks and inside one."""
+    from tokenizer.kmeans import row_argmin
+
+    torch.manual_seed(k)
+    s = torch.randn(40, k)
+    s[0, [5, k - 1]] = -100.0  # a tie across blocks: the first wins
+    s[1, [70 % k, 71 % k]] = -100.0  # a tie inside one block
+    s[2] = 1.0  # a constant row: index 0
+    s[3, [k // 2, 3]] = -7.0
+    out = torch.empty(40, dtype=torch.long)
+    row_argmin(s, out)
+    assert torch.equal(out, torch.argmin(s, 1)) and out[2] == 0 and out[3] == 3
 
 
-def test_compiled_search_without_a_compiler_warns_once_and_searches_eagerly(monkeypatch):
-    import tokenizer.kmeans as km
-
-    def no_compiler(*a, **k):
-        raise RuntimeError("no C++ compiler found")
-
-    monkeypatch.setattr(km, "_compiled_argmin", None)
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    z, c = torch.randn(500, 8), torch.randn(50, 8)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler.*eager search"):
-        q = nearest_code(z, c, search="compiled")
-    assert torch.equal(q, nearest_code(z, c))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: the next search does not warn again
-        assert torch.equal(nearest_code(z, c, search="compiled"), q)
+def test_search_on_the_cpu_equals_the_addmm_form():
+    """The CPU search's augmented matmul ([z, 1] x [-2C, ||C||^2]) ranks the codes as the addmm form does."""
+    torch.manual_seed(13)
+    z, c = torch.randn(3000, 32), torch.randn(2048, 32)
+    reference = torch.addmm(c.square().sum(1), z, c.t(), beta=1.0, alpha=-2.0).argmin(1)
+    assert torch.equal(nearest_code(z, c, chunk_elems=2048 * 100), reference)
 
 
 def test_large_search_never_allocates_full_matrix():

@@ -44,7 +44,6 @@ class VQConfig:
     groups: int = 1  # sub-vectors (group) or stages (residual)
     share: bool | None = None  # one codebook for all groups/stages; None: True for group, False for residual
     rotation_trick: bool = False  # vector/group/residual/simvq: rotation trick instead of the STE for the encoder
-    search: str = "eager"  # vector/group/residual: nearest-code argmin, "eager" or "compiled" (torch.compile; same codes)
     levels: tuple[int, ...] = ()  # fsq: levels per channel, prod = num_codes; (): derived from num_codes
     entropy_temperature: float = 0.01  # lfq: tau of the soft assignment softmax(-||z - c||^2 / tau)
     sample_entropy_weight: float = 0.1  # lfq: weight of the mean per-sample entropy (lowered)
@@ -66,13 +65,13 @@ class VQConfig:
 # What each kind cannot use, and why. The grids (fsq, lfq) have no learned codebook at all; SimVQ's
 # codebook rows are a frozen basis, so nothing may write or re-parameterize them.
 _CODEBOOK_ONLY = ("kmeans_init", "norm", "cb_norm", "cb_renorm", "affine_lr", "affine_groups", "running_affine", "sync_nu",
-                  "replace_freq", "inplace_lr", "rotation_trick", "groups", "search")
+                  "replace_freq", "inplace_lr", "rotation_trick", "groups")
 _NOT_USED = {
     "vector": ("levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
     "fsq": _CODEBOOK_ONLY + ("beta", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
     "lfq": _CODEBOOK_ONLY + ("levels",),
     "simvq": ("kmeans_init", "cb_renorm", "affine_lr", "affine_groups", "running_affine", "replace_freq", "inplace_lr", "groups",
-              "search", "levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
+              "levels", "entropy_temperature", "sample_entropy_weight", "codebook_entropy_weight"),
 }
 _NOT_USED["group"] = _NOT_USED["residual"] = _NOT_USED["vector"]
 _WHY = {"vector": "they belong to kind=fsq/lfq", "fsq": "its codebook is a fixed grid and it has no auxiliary loss",
@@ -143,7 +142,7 @@ def build_quantizer(cfg: VQConfig) -> nn.Module:
     common = dict(beta=cfg.beta, kmeans_init=cfg.kmeans_init, norm=cfg.norm, cb_norm=cfg.cb_norm,
                   affine_lr=cfg.affine_lr, affine_groups=cfg.affine_groups, running_affine=cfg.running_affine,
                   sync_nu=cfg.sync_nu, replace_freq=cfg.replace_freq, inplace_optimizer=inplace, dim=1,
-                  rotation_trick=cfg.rotation_trick, cb_renorm=cfg.cb_renorm, search=cfg.search)
+                  rotation_trick=cfg.rotation_trick, cb_renorm=cfg.cb_renorm)
     if cfg.kind == "fsq":
         return FiniteScalarQuant(cfg.code_dim, cfg.levels or fsq_levels(cfg.num_codes), dim=1)
     if cfg.kind == "lfq":

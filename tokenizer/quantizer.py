@@ -16,7 +16,7 @@ from core.errors import UserError
 from core.finite import note_non_finite
 from core.processes import all_reduce_, broadcast_
 from tokenizer.estimators import quantizer_loss, quantizer_output
-from tokenizer.kmeans import SEARCHES, kmeans, nearest_code
+from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import code_histogram, perplexity
 
 NORMS = (None, "l2")
@@ -130,7 +130,7 @@ class VectorQuant(nn.Module):
                  affine_groups: int = 1, sync_nu: float = 0.0, replace_freq: int = 0, dim: int = -1,
                  inplace_optimizer: OptimizerFactory | None = None, running_affine: bool = False,
                  kmeans_iters: int = 10, chunk_elems: int = 2**24, rotation_trick: bool = False,
-                 cb_renorm: bool = False, search: str = "eager") -> None:
+                 cb_renorm: bool = False) -> None:
         super().__init__()
         for name, v in (("feature_size", feature_size), ("num_codes", num_codes), ("affine_groups", affine_groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -144,8 +144,6 @@ class VectorQuant(nn.Module):
         if affine_lr > 0 and running_affine:
             raise ValueError(f"choose one affine re-parameterization: affine_lr > 0 (learned) or running_affine=True, "
                              f"got affine_lr={affine_lr} and running_affine=True")
-        if search not in SEARCHES:
-            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         if replace_freq < 0:
             raise ValueError(f"replace_freq must be >= 0 (0 disables dead-code replacement), got {replace_freq}")
         if cb_renorm and _check_norm(cb_norm, "cb_norm") is not None:
@@ -155,7 +153,7 @@ class VectorQuant(nn.Module):
         self.norm, self.cb_norm = _check_norm(norm, "norm"), _check_norm(cb_norm, "cb_norm")
         self.affine_lr, self.affine_groups, self.running_affine = float(affine_lr), affine_groups, running_affine
         self.sync_nu, self.replace_freq, self.kmeans_init = float(sync_nu), replace_freq, kmeans_init
-        self.kmeans_iters, self.chunk_elems, self.search = kmeans_iters, chunk_elems, search
+        self.kmeans_iters, self.chunk_elems = kmeans_iters, chunk_elems
         self.rotation_trick, self.cb_renorm = bool(rotation_trick), bool(cb_renorm)
 
         self.codebook = nn.Embedding(num_codes, feature_size)
@@ -251,7 +249,7 @@ class VectorQuant(nn.Module):
                 self._renormalize()
 
         with torch.no_grad():
-            q = nearest_code(zd, self.get_codebook(), self.chunk_elems, self.search)  # (N,)
+            q = nearest_code(zd, self.get_codebook(), self.chunk_elems)  # (N,)
         counts = code_histogram(q, self.num_codes)
         if self.training:
             self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))  # K writes, not N
