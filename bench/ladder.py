@@ -231,6 +231,8 @@ def _one_run(d: Path, rung: str, seed: int, folder: str, s: dict, metrics: str, 
             return None
         for name in ("tokenizer", "codes"):
             (d / name).symlink_to((source / name).resolve(), target_is_directory=True)
+    if variant:  # the base rung's stages, linked: never re-run here (they would write into the base rung's run)
+        done = [*[name for name in ("tokenizer", "codes") if name not in done], *done]
 
     mg_steps = s["mg_steps"] * MG_VARIANTS.get(variant, {}).get("mg_steps", 1)
 

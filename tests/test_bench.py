@@ -130,6 +130,8 @@ def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
     # the MaskGIT variant trains on the same tokenizer and codes (linked), with its own mask schedule
     variant = runs / "opt_affine@arccos" / "seed0"
     assert (variant / "tokenizer").resolve() == (runs / "opt_affine" / "seed0" / "tokenizer").resolve()
+    assert "train_tokenizer.py" not in (variant / "output.log").read_text()  # the base rung's stage is not re-run
+    assert "pretokenize.py" not in (variant / "output.log").read_text()
     mg_cfg = json.loads((variant / "maskgit" / "config.json").read_text())
     assert mg_cfg["masking"]["schedule"] == "arccos"
     assert result["meta"]["rungs"]["opt_affine@arccos"]["maskgit"]["overrides"] == ["masking.schedule=arccos"]
