@@ -1,5 +1,6 @@
 """sample.py, pretokenize.py and ``python -m eval gen`` on several processes (core/processes.py): 2 CPU processes (torchrun, gloo)
 write byte for byte what 1 process writes."""
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,9 @@ def _torchrun(port: int, script: str, *args) -> None:
     target = ["-m", "eval"] if script == "-m eval" else [str(ROOT / script)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            *target, *map(str, args)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # one thread per process, what torchrun sets when OMP_NUM_THREADS is unset, whatever the caller's is
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -72,7 +75,7 @@ def test_two_processes_pretokenize_the_same_codes_as_one(tiny_runs, entry, tmp_p
 
 
 @pytest.mark.parametrize("cap", [None, 4])
-def test_two_processes_score_the_same_generation_as_one(tiny_runs, entry, tmp_path, cap):
+def test_two_processes_score_the_same_generation_as_one(tiny_runs, tmp_path, cap):
     """eval gen on 2 processes: the main process scores every process's batches in one process's order, so
     the report's numbers are the same; with an SWD image cap below --n the main process stops early and
     the other stops with it (no hang)."""
@@ -88,7 +91,11 @@ def test_two_processes_score_the_same_generation_as_one(tiny_runs, entry, tmp_pa
     args = ["gen", "--tokenizer", tiny_runs["tokenizer"], "--maskgit", tiny_runs["maskgit"], "--num-images", 7,
             "--gen-batch-size", 2, "--seed", 3, "--metrics", "swd", "--ref-images", ref, "--ref-resize",
             "--report-dir", tmp_path, *(["--swd-max-images", cap] if cap else [])]
-    assert entry("eval", *args, "--name", "one")[0] == 0
+    # one process with one thread, as torchrun starts each of its processes (OMP_NUM_THREADS=1): the score's
+    # float sums then run in the same order, and the numbers are equal to the last bit
+    one = subprocess.run([sys.executable, "-m", "eval", *map(str, args), "--name", "one"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
     _torchrun(29535 + bool(cap), "-m eval", *args, "--name", "two")
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
     assert one["metrics"] == two["metrics"] and one["metrics"]["SWD_x1e3_mean"] > 0
