@@ -372,7 +372,7 @@ def main() -> None:
     header, lines = table(results, floors)
     paired_raw, paired_lines = comparisons(results, {r: reference_of(r) for r in results})
     budget_lines = [line for v, spec in MG_VARIANTS.items() if spec.get("mg_steps", 1) != 1
-                    for line in budget_table(results, v, LABELS[f"{REFERENCE_RUNG}@{v}"])]
+                    for line in budget_table(results, v, spec["label"])]
     figures(results, out)
     meta = {"command": "python bench/ladder.py " + " ".join(sys.argv[1:]), "setting": a.setting, **s,
             "data": str(folder), "seeds": a.seeds,

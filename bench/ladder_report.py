@@ -172,7 +172,7 @@ def figures(results: dict, out: Path) -> None:
     fig.savefig(out / "seeds.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    for rung in rungs:
+    for rung in (r for r in rungs if "@" not in r):  # a MaskGIT variant's tokenizer is its base rung's
         for i, (seed, r) in enumerate(sorted(results[rung].items())):
             steps, used = zip(*r["usage_curve"]) if r["usage_curve"] else ((), ())
             ax.plot(steps, used, color=f"C{rungs.index(rung)}", alpha=1.0 if i == 0 else 0.45,
