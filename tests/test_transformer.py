@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -285,6 +286,34 @@ def test_bidirectional_attention():
         assert not torch.allclose(model(tokens)[0, 0], model(other)[0, 0])  # first sees last
 
 
+
+@pytest.mark.parametrize("stage", ["maskgit", "tokenizer"])
+def test_attention_runs_in_fp32_under_cpu_autocast(stage, monkeypatch):
+    """CPU bf16 autocast would run the fused attention's backward in bf16, which is many times slower
+    than fp32 there: core.attention hands it fp32 inputs with autocast off, forward and backward, and
+    gives q's dtype back. Outside autocast it is the fused kernel on the caller's tensors, unchanged."""
+    from tokenizer.autoencoder import VQModel
+    from tokenizer.config import preset
+
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu"))) or real(q, k, v, **kw))
+    if stage == "maskgit":
+        model, x = tiny(), torch.randint(0, K, (2, N))
+    else:
+        torch.manual_seed(0)
+        model = VQModel(dataclasses.replace(preset("tiny"), attention=True))
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = model(x)
+    reference = (reference[0] if stage == "tokenizer" else reference).detach()
+    assert seen == [(torch.float32, False)] * len(seen) and seen  # fp32 model, no autocast: as before
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out = out[0] if stage == "tokenizer" else out
+    out.float().square().mean().backward()
+    assert seen and all(dtype == torch.float32 and not on for dtype, on in seen)
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 rounding, not a new function
 def test_tied_vs_untied_head():
     tied, untied = tiny(tied_head=True), tiny(tied_head=False)
     assert untied.num_params() - tied.num_params() == 32 * K  # separate (D, K) output matrix

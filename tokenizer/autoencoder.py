@@ -9,10 +9,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from core.attention import attention
 from core.pretrained import Pretrained
 from tokenizer.config import TokenizerConfig, build_quantizer
 
@@ -42,7 +42,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        y = attention(q, k, v)  # (B, 1, HW, C)
         return x + self.out(rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 

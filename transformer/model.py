@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from core.attention import attention
 from core.config import require
 from core.pretrained import Pretrained
 
@@ -84,7 +84,7 @@ PRESETS: dict[str, MaskGITConfig] = {
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention via PyTorch's fused SDPA kernel."""
+    """Non-causal multi-head self-attention via PyTorch's fused SDPA kernel (in fp32 under CPU autocast)."""
 
     def __init__(self, dim: int, heads: int, attn_dropout: float, dropout: float) -> None:
         super().__init__()
@@ -96,10 +96,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, L, D)
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        # is_causal=False: every position sees every other one, the point of MaskGIT over AR models.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=False
-        )  # (B, H, L, Dh)
+        # not causal: every position sees every other one, the point of MaskGIT over AR models.
+        y = attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)  # (B, H, L, Dh)
         return self.drop(self.proj(rearrange(y, "b h l d -> b l (h d)")))
 
 
