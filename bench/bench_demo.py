@@ -73,7 +73,8 @@ def main() -> None:
             raise SystemExit(f"bench_demo: {demo / need} is missing; run `python demo.py --run {a.demo_run}` first")
     if "fp32" not in a.variants:
         a.variants.insert(0, "fp32")
-    res = {v: [variant_seed(demo, v, s, out, a.samples) for s in a.seeds] for v in a.variants}
+    done = {(v, s): variant_seed(demo, v, s, out, a.samples) for s in a.seeds for v in a.variants}  # pairs first
+    res = {v: [done[v, s] for s in a.seeds] for v in a.variants}
     base = [r["swd"] for r in res["fp32"]]
     spread = statistics.stdev(base) if len(base) > 1 else float("nan")
     lines = [f"Generation SWD x1e3 of the demo's samples, seeds {a.seeds}; fp32 seed spread (std) {spread:.2f}",
