@@ -1,6 +1,6 @@
 """The whole pipeline at tiny scale on the built-in procedural faces (no download), then a report.
 
-    python demo.py                      # `make demo`: about 8 minutes on 2 CPU cores
+    python demo.py                      # `make demo`: minutes on 2 CPU cores (BENCHMARKS.md has the time)
     python demo.py --scale smoke        # seconds: the test suite's end-to-end check
 
 Stages (each one a script you can run yourself, each resumable): train_tokenizer.py -> pretokenize.py
@@ -98,6 +98,9 @@ def main() -> None:
     stage("tokenizer", ["train_tokenizer.py", "--preset", args.scale, "--run-dir", str(tok), "--resume"])
     stage("pretokenize", ["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)])
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays())
+    if args.precision == "auto":
+        why = "under bf16 autocast: bf16 matmuls are at least 2x faster" if bf16 else "in fp32: bf16 is not faster"
+        print(f"\nMaskGIT trains {why} here (--precision fp32 or bf16 to choose)", flush=True)
     stage("maskgit", ["train_maskgit.py", "--preset", args.scale, "--run-dir", str(mg), "--resume", "--codes", str(codes),
                       "--tokenizer", str(tok / "checkpoint.pt"), f"optim.mixed_precision={'bf16' if bf16 else 'no'}"])
     stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),

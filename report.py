@@ -68,9 +68,12 @@ def duration(seconds: float) -> str:
 
 
 def wall_time(stage: Path) -> str:
-    """Wall time of a stage's last training session: config.json (written at start) to its final metrics file."""
+    """Wall time of a stage's last training session: config.json (written at start) to its final metrics file,
+    and the precision it trained in."""
     start, end = stage / "config.json", final_metrics_path(stage)
-    return duration(end.stat().st_mtime - start.stat().st_mtime) if start.exists() and end.exists() else "—"
+    took = duration(end.stat().st_mtime - start.stat().st_mtime) if start.exists() and end.exists() else "—"
+    precision = read_json(start).get("optim", {}).get("mixed_precision", "no") if start.exists() else "no"
+    return f"{took}, {'fp32' if precision == 'no' else precision + ' autocast'}"
 
 
 def relative(value: Any, run: Path) -> Any:

@@ -17,7 +17,7 @@ ARTEFACTS = ["report.md", "index.html", "report_metrics.json", "samples_grid.png
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("demo") / "demo"
-    out = run_script(ROOT / "demo.py", "--scale", "smoke", "--run", run, timeout=600)
+    out = run_script(ROOT / "demo.py", "--scale", "smoke", "--run", run, "--precision", "bf16", timeout=600)
     assert "Report:" in out.stdout.splitlines()[-1]
     return run
 
@@ -40,6 +40,10 @@ def test_demo_pipeline_end_to_end(demo_run):
     used = sum(c > 0 for c in val["usage_counts"])
     assert tok["PSNR"] == f"{val['psnr']:.2f} dB" and tok["codes used"] == f"{used} of 128 ({used / 128:.0%})"
     assert _rows(report, "## MaskGIT")["training"] == "3 steps"
+    # the precision each stage trained in (demo.py --precision bf16: MaskGIT under bf16 autocast, the tokenizer in fp32)
+    assert json.loads((run / "maskgit/config.json").read_text())["optim"]["mixed_precision"] == "bf16"
+    assert re.search(r"\| training \| 3 steps \| wall time [^|,]+, fp32 \|", report)
+    assert re.search(r"\| training \| 3 steps \| wall time [^|,]+, bf16 autocast; trained with", report)
     swd, floor = (json.loads((run / f"eval/{n}.json").read_text())["metrics"]["SWD_x1e3_mean"] for n in ("generation", "floor"))
     assert _rows(report, "## Evaluation: generation")["SWD ×10³"] == f"{swd:.4g}" and f"floor {floor:.4g}" in report
     assert metrics["tokenizer"]["psnr"] == val["psnr"]
