@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,10 @@ PLAIN = ["model.vq.kmeans_init=false", "model.vq.norm=none", "model.vq.cb_norm=n
 GOALS = {"codes_used": ("relative", 0.01), "perplexity": ("relative", 0.01), "psnr": ("absolute", 0.1)}
 
 
-def train(kind: str, precision: str, seed: int, a: argparse.Namespace) -> dict:
-    run = Path(a.out) / kind / precision / f"seed{seed}"
+def train(kind: str, precision: str, seed: int, a: argparse.Namespace, threads: int | None = None) -> dict:
+    """One run; ``threads``: the fp32 run again with another thread count (another summation order), the
+    noise floor: how far any rounding change moves a 300-step training run."""
+    run = Path(a.out) / kind / (precision if threads is None else f"{precision}_threads{threads}") / f"seed{seed}"
     metrics = run / FINAL_METRICS
     if not metrics.exists():
         extra = PLAIN if kind in ("fsq", "lfq", "simvq") else []
@@ -41,7 +44,8 @@ def train(kind: str, precision: str, seed: int, a: argparse.Namespace) -> dict:
                "--resume", f"data.source={a.data}", f"optim.steps={a.steps}", f"optim.seed={seed}",
                f"optim.mixed_precision={precision}", "log.val_batches=4", f"log.ckpt_every={a.steps}",
                *extra, *KINDS[kind], *a.args]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})}
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             raise SystemExit(f"bench_precision: {kind} {precision} seed {seed} failed: "
                              f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -55,25 +59,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default="procedural", help="image folder / CelebA root, or 'procedural'")
     p.add_argument("--out", default="runs/bench_precision")
+    p.add_argument("--floor-kinds", nargs="*", default=["vector"], choices=list(KINDS),
+                   help="kinds whose fp32 runs are repeated with another thread count (the noise floor column)")
     p.add_argument("args", nargs="*", help="extra key=value overrides for every run (e.g. data.num_images=64)")
     a = p.parse_args()
-    rows, lines = [], ["| kind | metric | fp32 | bf16 | bf16 - fp32 [95% CI] | goal | met on every seed |",
-                       "|---|---|---|---|---|---|---|"]
+    other_threads = 2 if os.environ.get("OMP_NUM_THREADS", "") == "1" else 1
+    rows, lines = [], ["| kind | metric | fp32 | bf16 | bf16 - fp32 [95% CI] | goal | met on every seed "
+                       f"| noise floor: fp32 with {other_threads} thread(s) - fp32, per seed |",
+                       "|---|---|---|---|---|---|---|---|"]
     for kind in a.kinds:
         runs = {prec: [train(kind, prec, s, a) for s in a.seeds] for prec in ("no", "bf16")}
+        if kind in a.floor_kinds:
+            runs["floor"] = [train(kind, "no", s, a, threads=other_threads) for s in a.seeds]
         for key, (mode, tol) in GOALS.items():
             fp32, bf16 = [r[key] for r in runs["no"]], [r[key] for r in runs["bf16"]]
             diffs = [b - f for b, f in zip(bf16, fp32)]
             rel = [d / f for d, f in zip(diffs, fp32)] if mode == "relative" else diffs
             met = all(abs(x) <= tol for x in rel)
             m, lo, hi = t_interval(rel)
-            rows.append({"kind": kind, "metric": key, "fp32": fp32, "bf16": bf16, "diff": m, "ci": [lo, hi], "met": met})
             unit = "%" if mode == "relative" else " dB"
             scale = 100 if mode == "relative" else 1
+            floor = [(r[key] - f) / (f if mode == "relative" else 1) for r, f in zip(runs.get("floor", []), fp32)]
+            rows.append({"kind": kind, "metric": key, "fp32": fp32, "bf16": bf16, "diff": m, "ci": [lo, hi], "met": met,
+                         "floor": floor})
             ci = f"[{scale * lo:+.2f}, {scale * hi:+.2f}]" if len(diffs) > 1 else "(one seed: no interval)"
             lines.append(f"| {kind} | {key} | {statistics.fmean(fp32):.3f} | {statistics.fmean(bf16):.3f} | "
                          f"{scale * m:+.2f}{unit} {ci} | "
-                         f"within {scale * tol:g}{unit} | {'yes' if met else 'no'} |")
+                         f"within {scale * tol:g}{unit} | {'yes' if met else 'no'} | "
+                         + (", ".join(f"{scale * x:+.2f}" for x in floor) + unit if floor else "—") + " |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision.json").write_text(json.dumps({"command": "python bench/bench_precision.py " + " ".join(sys.argv[1:]),

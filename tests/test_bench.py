@@ -345,7 +345,7 @@ def test_decoding_sweep_selects_on_one_half_and_reports_the_other(tiny_runs, tmp
 def test_precision_bench_pairs_bf16_with_fp32_by_seed(tmp_path):
     out = tmp_path / "precision"
     run_script(ROOT / "bench/bench_precision.py", "--kinds", "fsq", "--seeds", "0", "--steps", "1", "--out", out,
-               "--", "data.num_images=16", "optim.batch_size=4", timeout=600)
+               "--floor-kinds", "fsq", "--", "data.num_images=16", "optim.batch_size=4", timeout=600)
     rows = json.loads((out / "precision.json").read_text())["rows"]
     assert {r["metric"] for r in rows} == {"codes_used", "perplexity", "psnr"}
     for r in rows:
@@ -355,6 +355,13 @@ def test_precision_bench_pairs_bf16_with_fp32_by_seed(tmp_path):
     for precision in ("no", "bf16"):  # the two runs differ in their precision only
         cfg = json.loads((out / "fsq" / precision / "seed0" / "config.json").read_text())
         assert cfg["optim"]["mixed_precision"] == precision and cfg["optim"]["seed"] == 0
+    # the noise floor: the fp32 run again, with another thread count
+    (floor_run,) = (out / "fsq").glob("no_threads*/seed0")
+    assert json.loads((floor_run / "config.json").read_text())["optim"]["mixed_precision"] == "no"
+    fp32 = json.loads((out / "fsq/no/seed0/final_metrics.json").read_text())
+    floor = json.loads((floor_run / "final_metrics.json").read_text())
+    psnr = next(r for r in rows if r["metric"] == "psnr")
+    assert psnr["floor"] == [pytest.approx(floor["psnr"] - fp32["psnr"])]
 
 
 def test_host_read_counter_sees_every_kind_of_read():
