@@ -155,13 +155,21 @@ def figures(results: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
-    # Seed spread: every run's generation SWD, one line per seed across the rungs (the pairs compared).
+    # Seed spread: every run's generation SWD, one line per seed across the rungs (the pairs compared); rungs
+    # are grouped by variant (the base rungs, then each "@" variant), and a seed's line stays inside its group.
+    rungs = sorted(rungs, key=lambda r: ("@" in r, r.partition("@")[2]))
+    group = [r.partition("@")[2] for r in rungs]
     fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rungs)), 3.6))
     seeds = sorted({k for r in rungs for k in results[r]}, key=lambda k: int(k.removeprefix("seed")))
     for j, seed in enumerate(seeds):
-        xs = [i for i, r in enumerate(rungs) if seed in results[r]]
-        ax.plot(xs, [results[rungs[i]][seed]["swd"] for i in xs], "o-", color=f"C{j}", alpha=0.6, ms=4, lw=0.8,
-                label=seed)
+        for g in dict.fromkeys(group):
+            xs = [i for i, r in enumerate(rungs) if seed in results[r] and group[i] == g]
+            ax.plot(xs, [results[rungs[i]][seed]["swd"] for i in xs], "o-", color=f"C{j}", alpha=0.6, ms=4, lw=0.8,
+                    label=seed if g == group[0] or not any(group[i] == group[0] and seed in results[r]
+                                                           for i, r in enumerate(rungs)) else None)
+    for i in range(1, len(rungs)):
+        if group[i] != group[i - 1]:
+            ax.axvline(i - 0.5, color="grey", lw=0.8, ls=":")
     means = [statistics.fmean(r["swd"] for r in results[rung].values()) for rung in rungs]
     ax.scatter(range(len(rungs)), means, marker="_", s=600, color="black", zorder=3, label="mean")
     ax.set_xticks(range(len(rungs)), [LABELS.get(r, r) for r in rungs], rotation=25, ha="right", fontsize=8)
