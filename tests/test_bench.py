@@ -385,3 +385,29 @@ def test_host_read_counter_sees_every_kind_of_read():
     assert kinds == {"item": 1, "__bool__": 1, "tolist": 1, "torch.nonzero": 1, "boolean index": 1, "__float__": 1}
     assert all(where.startswith("tests/test_bench.py:") for _, where in counts)
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and torch.Tensor.item.__name__ == "item"  # restored
+
+
+def test_inspect_tokenizer_reports_both_weights_and_the_latents_scale(tiny_runs):
+    import math
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from inspect_tokenizer import inspect
+
+    from core.config import from_dict
+    from data import DataConfig, build_dataset
+    from tokenizer import load_tokenizer
+
+    r = inspect(str(tiny_runs["tokenizer"]), n=6)
+    # PSNR with the EMA weights, computed here independently on the same 6 validation images
+    model, _ = load_tokenizer(tiny_runs["tokenizer"])
+    cfg = torch.load(tiny_runs["tokenizer"], weights_only=True)["config"]["data"]
+    x = torch.stack([build_dataset(from_dict(DataConfig, cfg), "val", train=False)[i]["image"] for i in range(6)])
+    with torch.no_grad():
+        mse = ((model(x)[0].clamp(-1, 1) - x) / 2).square().mean().item()
+    assert r["psnr_ema"] == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert r["psnr_raw"] != r["psnr_ema"]  # a 3-step run: the EMA is not the trained weights
+    assert r["z_norm"] > 0 and r["code_norm"] == pytest.approx(1.0, rel=1e-4)  # the tiny preset l2-normalizes its codes
+    assert 0 <= r["rel_error"] < 4
