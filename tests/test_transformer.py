@@ -286,7 +286,6 @@ def test_bidirectional_attention():
         assert not torch.allclose(model(tokens)[0, 0], model(other)[0, 0])  # first sees last
 
 
-
 @pytest.mark.parametrize("stage", ["maskgit", "tokenizer"])
 def test_attention_runs_in_fp32_under_cpu_autocast(stage, monkeypatch):
     """CPU bf16 autocast would run the fused attention's backward in bf16, which is many times slower
@@ -314,6 +313,8 @@ def test_attention_runs_in_fp32_under_cpu_autocast(stage, monkeypatch):
     out.float().square().mean().backward()
     assert seen and all(dtype == torch.float32 and not on for dtype, on in seen)
     assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 rounding, not a new function
+
+
 def test_tied_vs_untied_head():
     tied, untied = tiny(tied_head=True), tiny(tied_head=False)
     assert untied.num_params() - tied.num_params() == 32 * K  # separate (D, K) output matrix
