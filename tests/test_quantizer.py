@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
+from tokenizer.estimators import l2_normalize, quantizer_loss
 from tokenizer.fsq import FiniteScalarQuant
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import perplexity
@@ -81,6 +82,33 @@ def test_loss_is_beta_tradeoff():
     # encoder part: (1 - beta) * d/dz mean((z - sg zq)^2)
     assert torch.allclose(z.grad, (1 - beta) * 2 * (z - info["z_q"]).detach() / z.numel(), atol=1e-7)
     assert vq.codebook.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-3])
+def test_fused_l2_normalize_equals_f_normalize(eps):
+    """Values and gradients of F.normalize, rows below eps (a plain scaling there) and a zero row included;
+    a double backward raises instead of returning a wrong second derivative."""
+    x = torch.randn(40, 6, 3, dtype=torch.double)
+    x[0, 0], x[1, 2] = 0.0, 1e-4
+    g = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = l2_normalize(a, eps), F.normalize(b, dim=-1, eps=eps)
+    torch.testing.assert_close(ya, yb, rtol=1e-12, atol=1e-12)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+    assert torch.autograd.gradcheck(l2_normalize, (torch.randn(5, 4, dtype=torch.double, requires_grad=True),))
+    y = l2_normalize(a)
+    (ga,) = torch.autograd.grad((y * g).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError):
+        ga.sum().backward()
+
+
+def test_loss_per_row_distance_is_exact_squared_distance():
+    z, z_q = torch.randn(300, 16), torch.randn(300, 16)
+    loss, d = quantizer_loss(z, z_q, 0.25)
+    torch.testing.assert_close(d, ((z - z_q) ** 2).sum(-1))
+    torch.testing.assert_close(loss, F.mse_loss(z, z_q))
 
 
 def test_affine_identity_at_init_and_moves_unassigned_codes():

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenizer.estimators import quantizer_output
+from tokenizer.estimators import l2_normalize, quantizer_output
 from tokenizer.quantizer import VectorQuant, _check_norm, check_input
 
 
@@ -100,7 +99,7 @@ class ResidualVectorQuant(nn.Module):
         check_input(self, z_e)
         z = z_e.float().movedim(self.dim, -1)  # (..., d)
         if self.norm == "l2":
-            z = F.normalize(z, dim=-1)
+            z = l2_normalize(z)
         residual, z_q, infos = z, torch.zeros_like(z), []
         for i in range(self.groups):
             _, info = self.vqs[0 if self.share else i](residual)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from core.errors import UserError
 from core.finite import note_non_finite
 from core.processes import all_reduce_, broadcast_
-from tokenizer.estimators import quantizer_loss, quantizer_output
+from tokenizer.estimators import l2_normalize, quantizer_loss, quantizer_output
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import code_histogram, perplexity
 
@@ -212,7 +212,7 @@ class VectorQuant(nn.Module):
         if self.cb_renorm:  # unit rows in value; the norm is a constant to autograd (training keeps it at 1)
             w = w / w.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         c = self._affine(w.detach() if detach_weight else w, detach_params=detach_affine)
-        return F.normalize(c, dim=-1) if self.cb_norm == "l2" else c
+        return l2_normalize(c) if self.cb_norm == "l2" else c
 
     def decode(self, indices: Tensor) -> Tensor:
         """Indices (...) -> vectors with the feature axis at ``dim``, from the effective codebook."""
@@ -235,7 +235,7 @@ class VectorQuant(nn.Module):
         spatial = z_m.shape[:-1]
         z = z_m.reshape(-1, self.feature_size)  # (N, d)
         if self.norm == "l2":
-            z = F.normalize(z, dim=-1)
+            z = l2_normalize(z)
         zd = z.detach()
 
         if self.training:
