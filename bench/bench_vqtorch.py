@@ -23,6 +23,14 @@ that matmul costs (the argmin, the gather, the loss, the backward pass). Timing:
 machine slow all three alike); the minimum of ``--reps`` (after one warm-up) is reported. On a machine
 shared with other jobs, ``--threads 1 --clock cpu`` measures the CPU time of one thread instead of the wall
 clock: the work each layer does, unaffected by the time the scheduler gives to others.
+
+Both layers share one process, so one's allocations change the other's cost: with glibc's default
+policy a large freed tensor may go back to the system and the next one is page-faulted in afresh,
+depending on the whole process's history (measured: vqtorch's time for one row moved 229-415 ms
+between runs when only our layer's code changed). The workers therefore run with a fixed glibc policy,
+``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and ``MALLOC_TRIM_THRESHOLD_`` = 1 GiB (freed memory is reused, not
+returned), which makes each side's time independent of the other's (vqtorch 273-280 ms for that row);
+``--malloc default`` leaves the policy as it is. Other C libraries ignore the two variables.
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ from common import ROOT
 
 SIZES = [(16384, 64, 1024), (16384, 256, 1024), (65536, 64, 16384)]
 SEARCH = [(65536, 64, 65536)]
+# glibc: allocations up to 32 MiB from the heap, freed memory kept (see the docstring)
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 CONFIGS = {
     "plain": dict(ours=dict(beta=0.95), vqtorch=dict(beta=0.95)),
     "trained": dict(ours=dict(beta=0.95, norm="l2", affine_lr=10.0, sync_nu=0.2, replace_freq=20),
@@ -132,6 +142,7 @@ def worker(a: argparse.Namespace) -> dict:
             elif name != "floor":
                 first[name] = q
     result = {name: 1e3 * min(t) for name, t in times.items()}
+    result["mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # the allocation policy it ran under
     if "vqtorch" in first:
         result["agree"] = (first["ours"] == first["vqtorch"]).float().mean().item()
     if isinstance(vqtorch, str):
@@ -144,7 +155,8 @@ def run_worker(a: argparse.Namespace, config: str, n: int, d: int, k: int) -> di
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config", config, "--n", str(n), "--d", str(d),
            "--k", str(k), "--reps", str(a.reps), *(["--vqtorch", a.vqtorch] if a.vqtorch else []),
            "--clock", a.clock, *(["--threads", str(a.threads)] if a.threads else [])]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
+    env = dict(os.environ, **(STEADY_MALLOC if a.malloc == "steady" else {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT, env=env)
     if p.returncode != 0:
         raise SystemExit(f"bench_vqtorch: worker failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -174,6 +186,8 @@ def main() -> None:
                    help="cpu: this process's CPU time (with --threads 1, the work done, whatever else runs)")
     p.add_argument("--threads", type=int, help="torch threads in the workers (default: torch's own choice); "
                    "1 is the steadier measure on a machine shared with other jobs")
+    p.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                   help="steady: the workers run with a fixed glibc allocation policy (see above)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
     p.add_argument("--out", default="runs/bench/vqtorch.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -201,6 +215,7 @@ def main() -> None:
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average_before": os.getloadavg(),
             "vqtorch": missing or "imported", "configs": CONFIGS, "reps": a.reps,
             "clock": "process CPU time" if a.clock == "cpu" else "wall clock",
+            "malloc": STEADY_MALLOC if a.malloc == "steady" else "default",
             "time": "min of alternating ours / vqtorch / floor repetitions, one subprocess per row",
             "command": "python bench/bench_vqtorch.py " + " ".join(sys.argv[1:])}
     rows = []

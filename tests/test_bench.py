@@ -99,6 +99,7 @@ def test_vqtorch_bench_measures_ours_and_the_floor(tmp_path):
         ("plain", 256, 16, 64), ("trained", 256, 16, 64), ("search", 256, 16, 128)]
     for r in result["rows"]:
         assert r["ours"] > 0 and r["floor"] > 0
+        assert r["mmap_threshold"] == str(32 * 2**20)  # the workers ran under the steady allocation policy
         if vqtorch:
             assert r["vqtorch"] > 0 and r["agree"] > 0.99
         else:
