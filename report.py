@@ -68,10 +68,14 @@ def duration(seconds: float) -> str:
 
 
 def wall_time(stage: Path) -> str:
-    """Wall time of a stage's last training session: config.json (written at start) to its final metrics file,
-    and the precision it trained in."""
+    """Wall time of a stage's last training session (start to final metrics, as the script measured it; for
+    runs older than that field, config.json's to the final metrics' modification time), and its precision."""
     start, end = stage / "config.json", final_metrics_path(stage)
-    took = duration(end.stat().st_mtime - start.stat().st_mtime) if start.exists() and end.exists() else "—"
+    seconds = read_json(end).get("wall_seconds") if end.exists() else None
+    if seconds is None and start.exists() and end.exists():
+        seconds = end.stat().st_mtime - start.stat().st_mtime
+    # a copy that did not keep modification times can put the end before the start: say nothing then
+    took = duration(seconds) if seconds is not None and seconds >= 0 else "—"
     precision = read_json(start).get("optim", {}).get("mixed_precision", "no") if start.exists() else "no"
     return f"{took}, {'fp32' if precision == 'no' else precision + ' autocast'}"
 

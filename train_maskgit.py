@@ -10,6 +10,8 @@ names the tokenizer and its sha256), samples_*.png and final_metrics.json.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -125,6 +127,7 @@ def main() -> int | None:
         write_json(run_dir / "meta.json", meta)
         print(f"maskgit: {raw.num_params() / 1e6:.2f}M parameters, {len(train_set)} training grids of "
               f"{header.grid[0]}x{header.grid[1]} tokens, K={header.num_codes}")
+    started = time.monotonic()  # this session's wall time, reported with the final metrics
     tracking.start(accelerator, cfg.log.tracker, "maskgit", to_dict(cfg))
 
     def batches_from(step: int):
@@ -229,6 +232,7 @@ def main() -> int | None:
         metrics = {"step": state.step, "weights": "ema"}
         if val_set is not None:
             metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
+        metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         write_json(run_dir / FINAL_METRICS, metrics)
         tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""

@@ -11,6 +11,7 @@ reconstructions, from a fixed validation batch), codebook_usage.png and final_me
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from accelerate.utils import set_seed
@@ -82,6 +83,7 @@ def main() -> int | None:
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", to_dict(cfg))
         write_json(run_dir / "data.json", {"train": train_set.describe(), "val": val_set.describe()})
+    started = time.monotonic()  # this session's wall time, reported with the final metrics
     tracking.start(accelerator, cfg.log.tracker, "tokenizer", to_dict(cfg))
 
     # model, optimizers, EMA; restored from the checkpoint on --resume
@@ -227,7 +229,8 @@ def main() -> int | None:
     # final validation (EMA weights)
     if accelerator.is_main_process:
         metrics = evaluate(ema.model, val_set, cfg, accelerator.device)
-        metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped)
+        metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped,
+                       wall_seconds=round(time.monotonic() - started, 1))
         write_json(run_dir / FINAL_METRICS, metrics)
         tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
         plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",

@@ -70,6 +70,26 @@ def test_a_run_written_under_the_former_metrics_names_still_reports(demo_run, tm
         json.loads((demo_run / "report_metrics.json").read_text())
 
 
+def test_wall_time_is_the_scripts_own_measure_not_file_times(demo_run, tmp_path):
+    """A copy that does not keep modification times (cp without -p) used to report "wall time -0 s": the
+    time now comes from the training script's final metrics; without that field (older runs) and with the
+    files' times out of order, the report says nothing rather than a wrong number."""
+    import shutil
+
+    from report import wall_time
+
+    stage = tmp_path / "maskgit"
+    shutil.copytree(demo_run / "maskgit", stage)
+    seconds = json.loads((stage / "final_metrics.json").read_text())["wall_seconds"]
+    assert seconds >= 0
+    os.utime(stage / "config.json", (2e9, 2e9))  # the start now after the end
+    assert wall_time(stage) == f"{seconds:.0f} s, bf16 autocast"
+    metrics = json.loads((stage / "final_metrics.json").read_text())
+    del metrics["wall_seconds"]
+    (stage / "final_metrics.json").write_text(json.dumps(metrics))
+    assert wall_time(stage) == "—, bf16 autocast"
+
+
 def test_report_in_a_browser(demo_run, tmp_path):
     """Headless Chromium at laptop and phone size: every image decoded and shown at its intended size
     (pictures upscaled by an integer factor, never squashed), pictures above the numbers, no horizontal
