@@ -109,6 +109,9 @@ def comparisons(results: dict, references: dict[str, str]) -> tuple[dict, list[s
         cells = [LABELS.get(rung, rung), LABELS.get(references[rung], references[rung]), str(len(set(runs) & set(ref)))]
         for key, _, lower in keys:
             c = raw[rung][key]
+            if c is not None and not any(c["diffs"]):  # e.g. a MaskGIT variant on the same tokenizers
+                cells.append("identical on every seed")
+                continue
             cells.append("—" if c is None else f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], "
                                                f"p = {c['p']:.3f} ({verdict(c, lower)})")
         raw[rung]["verdict"] = verdict(raw[rung].get("swd"))
