@@ -162,7 +162,7 @@ def figures(results: dict, out: Path) -> None:
     # are grouped by variant (the base rungs, then each "@" variant), and a seed's line stays inside its group.
     rungs = sorted(rungs, key=lambda r: ("@" in r, r.partition("@")[2]))
     group = [r.partition("@")[2] for r in rungs]
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rungs)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rungs)), 4.2))
     seeds = sorted({k for r in rungs for k in results[r]}, key=lambda k: int(k.removeprefix("seed")))
     for j, seed in enumerate(seeds):
         for g in dict.fromkeys(group):
