@@ -26,10 +26,11 @@ clock: the work each layer does, unaffected by the time the scheduler gives to o
 
 Both layers share one process, so one's allocations change the other's cost: with glibc's default
 policy a large freed tensor may go back to the system and the next one is page-faulted in afresh,
-depending on the whole process's history (measured: vqtorch's time for one row moved 229-415 ms
-between runs when only our layer's code changed). The workers therefore run with a fixed glibc policy,
-``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and ``MALLOC_TRIM_THRESHOLD_`` = 1 GiB (freed memory is reused, not
-returned), which makes each side's time independent of the other's (vqtorch 273-280 ms for that row);
+depending on the whole process's history (measured: vqtorch's time for the trained d = 256, K = 1,024
+row moved 285-415 ms over eight runs when only our layer's code changed). The workers therefore run with
+a fixed glibc policy, ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and ``MALLOC_TRIM_THRESHOLD_`` = 1 GiB (freed
+memory is reused, not returned), which makes each side's time independent of the other's (vqtorch
+273-310 ms for that row over four runs);
 ``--malloc default`` leaves the policy as it is. Other C libraries ignore the two variables.
 """
 from __future__ import annotations
