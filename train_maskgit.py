@@ -234,7 +234,7 @@ def main() -> int | None:
             metrics.update(masked_accuracy(ema.model, val_set, cfg, accelerator.device))
         metrics["wall_seconds"] = round(time.monotonic() - started, 1)
         write_json(run_dir / FINAL_METRICS, metrics)
-        tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
+        tracking.log_final(accelerator, cfg.log.tracker, metrics, state.step)
         val = f", val masked-token accuracy {metrics['val_accuracy']:.3f}" if "val_accuracy" in metrics else ""
         print(f"maskgit: step {state.step}{val} -> {run_dir}")
     accelerator.end_training()

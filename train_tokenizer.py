@@ -232,7 +232,7 @@ def main() -> int | None:
         metrics.update(step=state.step, weights="ema", skipped_files=train_set.num_skipped + val_set.num_skipped,
                        wall_seconds=round(time.monotonic() - started, 1))
         write_json(run_dir / FINAL_METRICS, metrics)
-        tracking.log_scalars(accelerator, cfg.log.tracker, {f"val/{k}": v for k, v in metrics.items()}, state.step)
+        tracking.log_final(accelerator, cfg.log.tracker, metrics, state.step)
         plot_usage(torch.tensor(metrics["usage_counts"]), run_dir / "codebook_usage_val.png",
                    title="codebook usage over the validation split (EMA weights)")
         skipped = train_set.num_skipped + val_set.num_skipped

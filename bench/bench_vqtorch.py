@@ -30,8 +30,8 @@ depending on the whole process's history (measured: vqtorch's time for the train
 row moved 285-415 ms over eight runs when only our layer's code changed). The workers therefore run with
 a fixed glibc policy, ``MALLOC_MMAP_THRESHOLD_`` = 32 MiB and ``MALLOC_TRIM_THRESHOLD_`` = 1 GiB (freed
 memory is reused, not returned), which makes each side's time independent of the other's (vqtorch
-273-310 ms for that row over four runs);
-``--malloc default`` leaves the policy as it is. Other C libraries ignore the two variables.
+273-310 ms for that row over four runs); ``--malloc default`` leaves the policy as it is. Other C
+libraries ignore the two variables.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny tokenizer + code files + MaskGIT, trained for a few steps on CPU, once per session."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,13 +36,20 @@ def run_script(*args, check=True, timeout=300):
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads; on a busy 2-core machine thread contention
-    makes their tests several times slower. Restored afterwards."""
+    makes their tests several times slower. The scripts a test starts run at one thread too
+    (OMP_NUM_THREADS), so a result computed in this process and one computed by a script sum their
+    matmuls in the same order. Both restored afterwards."""
     import torch
 
-    n = torch.get_num_threads()
+    n, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(n)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")

@@ -156,14 +156,12 @@ def test_edit_changes_only_the_marked_tokens(server, mode):
 
 
 @pytest.mark.parametrize("mode", ["inpaint", "outpaint"])
-def test_studio_edit_and_sample_py_inpaint_give_the_same_pixels(tiny_runs, tmp_path, mode, monkeypatch):
+def test_studio_edit_and_sample_py_inpaint_give_the_same_pixels(tiny_runs, tmp_path, mode):
     """One inpainting (transformer/pipeline.py): the studio's edit of an uploaded picture and sample.py --inpaint
     with the same box, seed and settings give the same pixels, and both keep every pixel outside the
-    regenerated tokens exactly. Both at one thread (the studio runs here under ``one_thread``): another thread
-    count sums the matmuls in another order, which can flip a near-tie between two codes."""
+    regenerated tokens exactly. Both at one thread (``one_thread`` sets it for this process and for sample.py's):
+    another thread count sums the matmuls in another order, which can flip a near-tie between two codes."""
     from data import preprocess_uint8
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # sample.py's process, like this one
 
     picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")

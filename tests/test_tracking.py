@@ -24,7 +24,8 @@ def test_tensorboard_gets_scalars_and_images(tiny_runs, tmp_path):
     run_script(ROOT / "train_tokenizer.py", *SMOKE, "--run-dir", tok, "optim.steps=2", "log.log_every=1",
                "log.tracker=tensorboard")
     acc = events(tok, "tokenizer")
-    assert {"loss", "perplexity", "val/psnr"} <= set(acc.Tags()["scalars"])
+    assert {"loss", "perplexity", "val/psnr", "time/wall_seconds"} <= set(acc.Tags()["scalars"])
+    assert "val/wall_seconds" not in acc.Tags()["scalars"]  # the run's time is not a validation metric
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
     jsonl = [json.loads(line) for line in (tok / "log.jsonl").read_text().splitlines()]
     assert [round(e.value, 4) for e in acc.Scalars("loss")] == [round(r["loss"], 4) for r in jsonl]  # the same numbers
@@ -49,3 +50,18 @@ def test_trackers_are_opt_in(tmp_path):
     from training.config import LogConfig
     with pytest.raises(ConfigError, match="log.tracker must be"):
         LogConfig(tracker="mlflow")
+
+
+def test_final_metrics_go_under_val_and_the_wall_time_under_time():
+    """No tracker package needed: an object with Accelerate's ``log`` signature records what would be sent."""
+    from training.tracking import log_final
+
+    class Recorder:
+        def log(self, values, step):
+            self.values, self.step = values, step
+
+    rec = Recorder()
+    log_final(rec, "tensorboard", {"step": 7, "weights": "ema", "psnr": 21.5, "wall_seconds": 12.3}, 7)
+    assert rec.values == {"val/psnr": 21.5, "time/wall_seconds": 12.3} and rec.step == 7
+    log_final(rec, "none", {"psnr": 1.0}, 8)
+    assert rec.step == 7  # tracker none sends nothing

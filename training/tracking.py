@@ -45,6 +45,13 @@ def log_scalars(accelerator: Any, tracker: str, record: dict[str, Any], step: in
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
 
 
+def log_final(accelerator: Any, tracker: str, metrics: dict[str, Any], step: int) -> None:
+    """The final validation's numbers under ``val/``; the run's wall time is not a validation metric and goes
+    under ``time/wall_seconds``; the step is the record's step, not a value."""
+    log_scalars(accelerator, tracker, {(f"time/{k}" if k == "wall_seconds" else f"val/{k}"): v
+                                       for k, v in metrics.items() if k != "step"}, step)
+
+
 def log_image(accelerator: Any, tracker: str, name: str, grid: torch.Tensor, step: int) -> None:
     """One image grid, (3, H, W) floats in [0, 1], in the form each tracker's ``log_images`` takes."""
     if tracker == "none":
