@@ -3,6 +3,7 @@
     python train_tokenizer.py --preset tiny --run-dir runs/tok
     accelerate launch train_tokenizer.py --preset celeba64 --run-dir runs/tok data.source=/data/celeba
     python train_tokenizer.py --run-dir runs/tok --resume optim.steps=20000    # continue / extend
+    python train_tokenizer.py --preset tiny --recipe all --run-dir runs/tok_all  # another ladder rung's quantizer
 
 Same code on CPU, one GPU and many GPUs (Accelerate). Writes to the run directory: config.json,
 data.json (split), log.jsonl, checkpoint.pt (atomic, self-describing), recon_*.png (originals above
@@ -24,6 +25,7 @@ from core.errors import main_guard
 from core.files import FINAL_METRICS, write_json
 from data import build_dataset, seed_worker
 from tokenizer import VQModel
+from tokenizer.config import VQ_VARIANTS, variant_overrides
 from tokenizer.losses import TokenizerLoss
 from tokenizer.quantizer import NonFiniteInputError
 from tokenizer.quantizer import kmeans_pending as raw_kmeans_pending
@@ -70,7 +72,12 @@ def evaluate(model: VQModel, dataset, cfg: TrainTokenizerConfig, device: torch.d
 
 
 def main() -> int | None:
-    args = parse_run_args(base_parser(__doc__.splitlines()[0], PRESETS, "tiny"), PRESETS, tie=tie_resolution)
+    parser = base_parser(__doc__.splitlines()[0], PRESETS, "tiny")
+    parser.add_argument("--recipe", choices=list(VQ_VARIANTS), metavar="RUNG",
+                        help="train the quantizer of a ladder rung instead of the preset's (docs/recipe.md): every "
+                             "model.vq option set as the rung sets it, the codebook's size kept; key=value overrides "
+                             f"still apply after it. One of: {', '.join(VQ_VARIANTS)}")
+    args = parse_run_args(parser, PRESETS, tie=tie_resolution, recipe=variant_overrides)
     run_dir, ckpt = open_run(args, "tokenizer")
     cfg = resolve_config(TrainTokenizerConfig, PRESETS[args.preset], args.overrides, ckpt["config"] if ckpt else None,
                          source=str(run_dir / "checkpoint.pt"))

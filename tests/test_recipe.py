@@ -257,3 +257,24 @@ def test_the_layer_owns_its_rules_and_the_config_relies_on_them():
         VQConfig(code_dim=0)
     with pytest.raises(ConfigError, match="one codebook normalization"):
         VQConfig(cb_norm="l2", cb_renorm=True)
+
+
+def test_recipe_flag_trains_a_rungs_quantizer_and_overrides_still_win():
+    """``train_tokenizer.py --recipe RUNG``: every model.vq option as the rung sets it (the preset's fixes do
+    not leak in), the codebook's size kept, and key=value overrides applied after it; an unknown rung is
+    refused by name."""
+    import dataclasses
+    import json
+
+    from tokenizer import preset
+
+    tiny = preset("tiny").vq
+    for rung, extra in (("all", []), ("baseline", ["model.vq.replace_freq=7"])):
+        out = run_script(ROOT / "train_tokenizer.py", "--print-config", "--preset", "tiny", "--recipe", rung, *extra)
+        got = json.loads(out.stdout)["model"]["vq"]
+        want = dataclasses.asdict(VQConfig(**{**VQ_VARIANTS[rung], "num_codes": tiny.num_codes, "code_dim": tiny.code_dim}))
+        if extra:
+            want["replace_freq"] = 7  # the command line wins over the rung
+        assert got == json.loads(json.dumps(want)), rung
+    out = run_script(ROOT / "train_tokenizer.py", "--print-config", "--recipe", "nope", check=False)
+    assert out.returncode == 2 and "invalid choice: 'nope'" in out.stderr

@@ -52,11 +52,15 @@ def base_parser(description: str, presets: dict[str, Any], default_preset: str) 
 
 
 def parse_run_args(p: argparse.ArgumentParser, presets: dict[str, Any], *required: str,
-                   tie: Callable[[list[str]], list[str]] | None = None) -> argparse.Namespace:
+                   tie: Callable[[list[str]], list[str]] | None = None,
+                   recipe: Callable[[str], list[str]] | None = None) -> argparse.Namespace:
     """Parse the command line; --print-config prints preset + overrides as JSON and exits, before the
-    flags a run needs (--run-dir and ``required``) are checked. ``tie`` rewrites the overrides first
-    (one setting stored under two keys)."""
+    flags a run needs (--run-dir and ``required``) are checked. ``recipe`` turns a ``--recipe`` name into
+    overrides that go before the command line's own (which therefore win); ``tie`` then rewrites the
+    overrides (one setting stored under two keys)."""
     args = p.parse_args()
+    if recipe is not None and getattr(args, "recipe", None):
+        args.overrides = [*recipe(args.recipe), *args.overrides]
     if tie is not None:
         args.overrides = tie(args.overrides)
     if args.print_config:
