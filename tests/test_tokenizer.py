@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenizer import PRESETS, VQModel, load_tokenizer, preset
+from tokenizer import PRESETS, VQConfig, VQModel, load_tokenizer, preset
+from tokenizer.config import ALL_FIXES
 from tokenizer.losses import LossConfig, TokenizerLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ def test_preset_shapes_and_downsampling(name):
 def test_decode_indices_matches_decode_for_every_quantizer_kind(kind):
     torch.manual_seed(0)
     cfg = preset("tiny")
+    cfg.vq = VQConfig(num_codes=cfg.vq.num_codes, code_dim=cfg.vq.code_dim, **ALL_FIXES)  # every part of the layer
     cfg.vq.kind, cfg.vq.groups, cfg.vq.share = kind, (1 if kind == "vector" else 2), False
     if kind == "residual":
         cfg.vq.cb_norm = None  # the residual layer refuses unit-norm codes

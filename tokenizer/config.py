@@ -171,6 +171,11 @@ L2_REPLACE = dict(norm="l2", cb_norm="l2", replace_freq=20)
 AFFINE = dict(affine_lr=10.0)
 OPT = dict(inplace_lr=50.0, inplace_momentum=0.9, sync_nu=2.0, beta=1.0)
 ALL_FIXES = dict(kmeans_init=True, **L2_REPLACE, **AFFINE, **OPT)
+# The presets' quantizer: +l2 +replace, the rung the ladder measured best (docs/recipe.md, "Which recipe the
+# presets use"): better than the paper's full recipe (ALL_FIXES, the "all" rung) in generation at 4x MaskGIT's
+# steps and in reconstruction, not separated from the other rungs that beat it, and the simplest of them.
+# `train_tokenizer.py --recipe all` trains the paper's full recipe.
+PRESET_FIXES = L2_REPLACE
 VQ_VARIANTS = {
     "baseline": dict(),
     "l2_replace": L2_REPLACE,
@@ -210,13 +215,13 @@ def variant_overrides(name: str, keep: tuple[str, ...] = ("num_codes", "code_dim
 PRESETS: dict[str, TokenizerConfig] = {
     # CPU seconds-to-minutes: tests and `make demo`. 32x32 -> 8x8 tokens.
     "tiny": TokenizerConfig(resolution=32, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
-                            vq=VQConfig(num_codes=128, code_dim=16, **ALL_FIXES)),
+                            vq=VQConfig(num_codes=128, code_dim=16, **PRESET_FIXES)),
     # CPU minutes on real faces: 64x64 -> 16x16 tokens (~0.4 s per step of batch 32 on 2 idle cores).
     "small": TokenizerConfig(resolution=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1,
-                             vq=VQConfig(num_codes=512, code_dim=16, **ALL_FIXES)),
+                             vq=VQConfig(num_codes=512, code_dim=16, **PRESET_FIXES)),
     # One modern GPU: CelebA 64x64 -> 16x16 tokens, 1024 codes.
     "celeba64": TokenizerConfig(resolution=64, channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
-                                attention=True, vq=VQConfig(num_codes=1024, code_dim=32, **ALL_FIXES)),
+                                attention=True, vq=VQConfig(num_codes=1024, code_dim=32, **PRESET_FIXES)),
 }
 
 

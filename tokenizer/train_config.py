@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from core.config import apply_overrides, require
 from data import DataConfig
-from tokenizer.config import TokenizerConfig
+from tokenizer.config import TokenizerConfig, variant_overrides
 from tokenizer.config import preset as tokenizer_preset
 from tokenizer.losses import LossConfig
 from training.config import LogConfig, OptimConfig
@@ -38,7 +38,7 @@ def tie_resolution(overrides: list[str]) -> list[str]:
 
 
 # Every preset weights the VQ loss by 5, as the paper (Huh et al. 2023) does; LossConfig's default is
-# VQGAN's 1. With alternating optimization (the presets' default) that term reaches only the affine map.
+# VQGAN's 1 (with alternating optimization, the "all" rung's, that term reaches only the affine map).
 # tiny: CPU minutes on the built-in procedural faces; demo and smoke are tiny with a few overrides.
 TINY = TrainTokenizerConfig(
     model=tokenizer_preset("tiny"), loss=LossConfig(vq_weight=5.0),
@@ -46,13 +46,15 @@ TINY = TrainTokenizerConfig(
     optim=OptimConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.99),
     log=LogConfig(log_every=25, image_every=200, ckpt_every=200))
 DEMO = ["optim.steps=1000"]  # overrides of TINY
-SMOKE = ["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1"]
+# smoke trains the paper's full recipe (the "all" rung: k-means init, in-place step, affine map, synchronized
+# STE on top of the presets' +l2 +replace), so that the seconds-long check runs every part of the layer.
+SMOKE = ["optim.steps=3", "data.num_images=64", "optim.batch_size=8", "log.val_batches=1", *variant_overrides("all")]
 
 PRESETS = {
     "tiny": TINY,
     # `make demo` (demo.py): tiny for 1,000 steps.
     "demo": apply_overrides(TINY, DEMO),
-    # seconds: `demo.py --scale smoke`, the check that every stage runs (3 steps, 64 images).
+    # seconds: `demo.py --scale smoke`, the check that every stage runs (3 steps, 64 images, the full recipe).
     "smoke": apply_overrides(TINY, SMOKE),
     # CPU minutes on real faces at 64x64 (checks on the CelebA copy, bench/ablation.py).
     "small": TrainTokenizerConfig(
