@@ -2,6 +2,10 @@
 
     python bench/count_syncs.py                  # both stages, tiny presets, procedural faces
 
+The tokenizer trains the paper's full recipe (``--recipe all``: k-means init, in-place step, affine map,
+synchronized STE, l2, dead-code replacement), every part of the VQ layer that could read the device,
+not only the presets' +l2 +replace.
+
 On a GPU every such call (``.item()``, ``bool(t)``, ``.tolist()``, ``int(t)`` / ``float(t)``,
 ``.numpy()``, ``nonzero``, boolean-mask indexing, ``masked_select``) stalls the queue until the device
 has caught up. On the CPU nothing stalls, but the calls are the same, so counting them here says what
@@ -117,7 +121,8 @@ def first_stage(root: Path) -> tuple[Path, Path]:
 def stages(tokenizer: Path, codes: Path) -> dict[str, tuple[str, Any]]:
     """Each stage's script and its arguments (a function of a temporary folder), logging pushed past the end."""
     return {
-        "tokenizer": ("train_tokenizer.py", lambda tmp: ["--preset", "tiny", "log.val_batches=0", *QUIET]),
+        "tokenizer": ("train_tokenizer.py", lambda tmp: ["--preset", "tiny", "--recipe", "all", "log.val_batches=0",
+                                                        *QUIET]),
         "maskgit": ("train_maskgit.py", lambda tmp: ["--preset", "tiny", "--codes", str(codes), "--tokenizer",
                                                     str(tokenizer), "log.log_every=100000",
                                                     "log.image_every=100000", "log.ckpt_every=100000",
