@@ -30,11 +30,8 @@ from training.lr_schedule import warmup_cosine
 from training.run import (
     JsonlLog,
     MetricWindow,
-    NonFiniteGuard,
-    Rollback,
     RunError,
     StopSignal,
-    TrainState,
     base_parser,
     make_accelerator,
     open_run,
@@ -42,6 +39,7 @@ from training.run import (
     resolve_config,
 )
 from training.sampler import step_loader
+from training.state import NonFiniteGuard, Rollback, TrainState
 from transformer import MaskGIT, mask_tokens, masked_ce_loss
 from transformer.config import PRESETS, TrainMaskGITConfig
 from transformer.pipeline import decode_settings, generate
@@ -184,7 +182,7 @@ def main() -> int | None:
         window, batches = saved, batches_from(state.step)
 
     # Steps that do not log read nothing on the host: a NaN/inf loss is noted on the device and the window is
-    # replayed on the strict path when its last step finds the note (training.run.Rollback).
+    # replayed on the strict path when its last step finds the note (training.state.Rollback).
     rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop, enabled=o.nan_check == "window")
     bar = tqdm(total=o.steps, initial=state.step, desc="maskgit", disable=not accelerator.is_main_process,
                dynamic_ncols=True)

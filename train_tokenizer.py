@@ -38,10 +38,7 @@ from training.plots import plot_usage
 from training.run import (
     JsonlLog,
     MetricWindow,
-    NonFiniteGuard,
-    Rollback,
     StopSignal,
-    TrainState,
     base_parser,
     make_accelerator,
     open_run,
@@ -49,6 +46,7 @@ from training.run import (
     resolve_config,
 )
 from training.sampler import step_loader
+from training.state import NonFiniteGuard, Rollback, TrainState
 
 
 @torch.no_grad()
@@ -192,7 +190,7 @@ def main() -> int | None:
         batches = batches_from(state.step)
 
     # Steps that do not log read nothing on the host: a NaN/inf is noted on the device and the window is
-    # replayed on the strict path when its last step finds the note (training.run.Rollback). The k-means step
+    # replayed on the strict path when its last step finds the note (training.state.Rollback). The k-means step
     # (once, it reads the device anyway) is strict: k-means on a non-finite batch would fail, not note.
     rollback = Rollback(state, guard, accelerator.device, save_loop, load_loop, enabled=o.nan_check == "window")
     bar = tqdm(total=o.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_main_process,

@@ -7,7 +7,7 @@ A checkpoint is one file holding a dict of tensors and plain Python values only:
      code directory, attribute names), "step": int, "model": state_dict, "ema": state_dict,
      "optimizer": ..., "rng": ..., "extra": {name: state_dict} (e.g. the discriminator)}
 
-Both stages write it with ``training.run.TrainState.save`` and read it back with ``restore``.
+Both stages write it with ``training.state.TrainState.save`` and read it back with ``restore``.
 
 It is saved with ``torch.save`` to a temporary file in the same directory, fsync'ed and renamed over
 the target (``os.replace`` is atomic on POSIX), so a kill at any moment leaves either the old or the

@@ -4,7 +4,7 @@ A check that raises at once must read the tensor on the host: on a GPU that stal
 device has caught up. Inside ``deferred(flag)`` the checks that support it (``note_non_finite``: the
 quantizers' input check) instead OR their verdict into ``flag``, a boolean on the device, and return
 at once; whoever opened the block reads the flag later, once, and decides then (the training loops do
-so at the end of each log window, see ``training.run.Rollback``). Outside such a block nothing changes:
+so at the end of each log window, see ``training.state.Rollback``). Outside such a block nothing changes:
 the caller checks on the host and raises as before.
 """
 from __future__ import annotations

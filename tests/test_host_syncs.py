@@ -1,5 +1,5 @@
 """No host read of a device tensor in a training step that does not log, and the non-finite guard that this
-needs (training.run.Rollback): checked at the end of a window, it trains exactly what a per-step check did."""
+needs (training.state.Rollback): checked at the end of a window, it trains exactly what a per-step check did."""
 import sys
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 from conftest import ROOT
 
 from training.ema import EMA
-from training.run import MetricWindow, NonFiniteGuard, Rollback, RunError, TrainState
+from training.run import MetricWindow, RunError
+from training.state import NonFiniteGuard, Rollback, TrainState
 
 sys.path.insert(0, str(ROOT / "bench"))
 import count_syncs  # noqa: E402  (bench/ is not a package)

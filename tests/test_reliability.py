@@ -224,7 +224,7 @@ def test_nan_skip_policy_ends_cleanly_and_every_checkpoint_is_finite(tmp_path):
 
 
 def test_non_finite_steps_found_at_a_window_end_train_what_a_check_per_step_did(tmp_path):
-    """The guard reads the device once per window (training.run.Rollback): a run that diverges inside a
+    """The guard reads the device once per window (training.state.Rollback): a run that diverges inside a
     5-step window is replayed and ends where checking every step (windows of one step) ends: the same
     skipped steps, the same printed skips, the same finite checkpoint (step 5's: at step 6 the sample
     images of the diverged EMA model stop both runs, before their save)."""
@@ -253,7 +253,8 @@ def test_skip_policy_limit_and_refusal_of_non_finite_weights(tmp_path):
     from accelerate import Accelerator
 
     from training.ema import EMA
-    from training.run import NonFiniteGuard, RunError, TrainState
+    from training.run import RunError
+    from training.state import NonFiniteGuard, TrainState
 
     guard, nan, one = NonFiniteGuard("skip", patience=3), torch.tensor(float("nan")), torch.tensor(1.0)
     assert [guard.bad(x) for x in (nan, nan, one, nan, nan)] == [True, True, False, True, True]
@@ -310,7 +311,8 @@ def _agree(rank, world, init, out):
     """One process of the gloo test: rank 1 alone sees a NaN loss, rank 0 alone got SIGTERM."""
     import torch.distributed as dist
 
-    from training.run import NonFiniteGuard, StopSignal
+    from training.run import StopSignal
+    from training.state import NonFiniteGuard
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     loss = torch.tensor(float("nan") if rank == 1 else 0.5)

@@ -47,7 +47,7 @@ def check_finite(quantizer: nn.Module, z_e: Tensor) -> None:
     Inside ``core.finite.deferred`` (the training loops' steps that do not log) there is no host read
     and no error here: the verdict goes into the loop's device flag, read at the end of the log window;
     the loop then replays that window with this check raising, so the error comes at the same step as
-    before, only later in wall time (see ``training.run.Rollback``)."""
+    before, only later in wall time (see ``training.state.Rollback``)."""
     if note_non_finite(z_e):
         return
     if not torch.isfinite(z_e.sum()) and not torch.isfinite(z_e).all():
