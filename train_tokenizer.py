@@ -7,7 +7,8 @@
 
 Same code on CPU, one GPU and many GPUs (Accelerate). Writes to the run directory: config.json,
 data.json (split), log.jsonl, checkpoint.pt (atomic, self-describing), recon_*.png (originals above
-reconstructions, from a fixed validation batch), codebook_usage.png and final_metrics.json.
+reconstructions, from a fixed validation batch), codebook_usage.png, codebook_usage_val.png, replicas.json
+(the replicas' codebook check at each checkpoint) and final_metrics.json.
 """
 from __future__ import annotations
 
