@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
-from tokenizer.estimators import l2_normalize, quantizer_loss
+from tokenizer.estimators import l2_normalize, quantizer_loss, quantizer_output, quantizer_tail
 from tokenizer.fsq import FiniteScalarQuant
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import perplexity
@@ -102,6 +102,42 @@ def test_fused_l2_normalize_equals_f_normalize(eps):
     (ga,) = torch.autograd.grad((y * g).sum(), a, create_graph=True)
     with pytest.raises(RuntimeError):
         ga.sum().backward()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize("nu", [0.0, 2.0])
+@pytest.mark.parametrize("codes", ["same", "other", "none"])
+@pytest.mark.parametrize("uses", ["all", "output", "loss", "codes"])
+def test_fused_tail_equals_the_gather_loss_and_output_it_replaces(beta, nu, codes, uses):
+    """quantizer_tail = index_select + quantizer_loss + quantizer_output: values and every gradient
+    (encoder, the output's codebook, the loss's codebook when it is the same tensor, another one or none),
+    in float64, also when the objective uses only some outputs (then no gradient at all from the others,
+    not zeros). "codes" uses the plain gather, as the residual quantizer does."""
+    torch.manual_seed(4)
+    z0, c0 = torch.randn(50, 6, dtype=torch.double), torch.randn(10, 6, dtype=torch.double)
+    q, g, h = torch.randint(0, 10, (50,)), torch.randn(50, 6, dtype=torch.double), torch.randn(50, 6, dtype=torch.double)
+    results = []
+    for fused in (False, True):
+        z, c, c2 = (t.clone().requires_grad_() for t in (z0, c0, c0))
+        loss_codebook = {"same": c, "other": c2, "none": None}[codes]
+        if fused:
+            out, z_q, loss, d = quantizer_tail(z, c, loss_codebook, q, beta, nu)
+        else:
+            z_q = c.index_select(0, q)
+            zq_loss = {"same": z_q, "other": c2.index_select(0, q), "none": z_q.detach()}[codes]
+            (loss, d), out = quantizer_loss(z, zq_loss, beta), quantizer_output(z, z_q, nu)
+        terms = {"output": (out * g).sum(), "loss": 0.7 * loss, "codes": (z_q * h).sum()}
+        (sum(terms.values()) if uses == "all" else terms[uses]).backward()
+        results.append((out.detach(), z_q.detach(), loss.detach(), d, z.grad, c.grad, c2.grad))
+    for old, new in zip(*results):
+        if old is None or new is None:
+            assert old is None and new is None
+        else:
+            torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+    z_grad, codes_grad = results[0][4], results[0][5]  # which gradients exist (not a comparison of Nones)
+    uses_out, uses_loss, uses_codes = (uses in ("all", k) for k in ("output", "loss", "codes"))
+    assert (z_grad is not None) == (uses_out or uses_loss and beta != 1)
+    assert (codes_grad is not None) == (uses_out and nu != 0 or uses_codes or uses_loss and codes == "same" and beta != 0)
 
 
 def test_loss_per_row_distance_is_exact_squared_distance():

@@ -77,6 +77,75 @@ def quantizer_loss(z: Tensor, z_q: Tensor, beta: float) -> tuple[Tensor, Tensor]
     return _QuantizerLoss.apply(z, z_q, float(beta))
 
 
+def quantizer_tail(z: Tensor, codebook: Tensor, loss_codebook: Tensor | None, q: Tensor, beta: float,
+                   sync_nu: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gather of the codes, the VQ loss and the straight-through output in one autograd node:
+    ``z_q = codebook[q]``, then ``(quantizer_output(z, z_q, sync_nu), z_q, *quantizer_loss(z, zq_loss,
+    beta))`` with ``zq_loss = loss_codebook[q]``.
+
+    z: (N, d); codebook: (K, d), the effective codes; loss_codebook: the codes the codebook term trains
+    (``codebook`` itself, another tensor of the same values with another graph, or None for no gradient to
+    any code from that term); q: (N,). Returns (out, z_q, loss, d): out has z_q's value and the
+    straight-through gradients, z_q is the plain gather (its gradient reaches ``codebook`` only; the
+    residual quantizer sums the stages' z_q), d the squared distance of each row (no gradient).
+
+    The same values and gradients as the three separate steps (tests/test_quantizer.py compares them in
+    float64) with fewer passes over (N, d) backward: the encoder's gradient ``g + (1 - beta) 2 / numel
+    (z - z_q)`` is one fused update, not a scaled copy that autograd adds to g; the codebook term reaches
+    the codes as an index_add of ``z - z_q`` scaled afterwards on the (K, d) result, not a scaled (N, d)
+    copy; and the codes' terms are summed on (K, d). Straight-through only: the rotation trick keeps the
+    separate form.
+    """
+    return _Tail.apply(z, codebook, loss_codebook, q, float(beta), float(sync_nu))
+
+
+class _Tail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, codebook: Tensor, loss_codebook: Tensor | None, q: Tensor, beta: float,
+                nu: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        # index_select, not codebook[q]: the same gather, and faster than advanced indexing
+        z_q = codebook.index_select(0, q)  # (N, d); loss_codebook[q] has the same value
+        diff = z - z_q
+        d = torch.linalg.vector_norm(diff, dim=-1).square_()  # (N,): one vectorized read, no temporary
+        ctx.save_for_backward(diff, q)
+        ctx.beta, ctx.nu, ctx.same, ctx.num_codes = beta, nu, loss_codebook is codebook, codebook.shape[0]
+        ctx.mark_non_differentiable(d)
+        ctx.set_materialize_grads(False)  # an output the objective does not use gets None, not zeros
+        return z_q.view_as(z_q), z_q, d.sum() / diff.numel(), d
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, g_zq: Tensor | None, g_loss: Tensor | None,
+                 _g_d: Tensor | None) -> tuple[Tensor | None, ...]:
+        diff, q = ctx.saved_tensors
+        need_z, need_codes, need_loss_codes = ctx.needs_input_grad[:3]
+        commit = codebook_term = None
+        if g_loss is not None:
+            scale = g_loss * (2.0 / diff.numel())  # a 0-dim tensor: no host read
+            commit = scale * (1 - ctx.beta) if need_z and ctx.beta != 1 else None
+            if ctx.beta != 0 and (need_loss_codes or ctx.same and need_codes):
+                codebook_term = scale * -ctx.beta
+        g_z = None
+        if need_z:
+            g_z = g if commit is None else diff * commit if g is None else torch.addcmul(g, diff, commit)
+
+        def scatter(rows: Tensor) -> Tensor:  # (N, d) -> (K, d): each code gets the sum of its rows
+            return diff.new_zeros(ctx.num_codes, diff.shape[1]).index_add_(0, q, rows)
+
+        to_codes = to_loss_codes = None
+        if need_codes:
+            rows = g * ctx.nu if g is not None and ctx.nu != 0 else None
+            if g_zq is not None:
+                rows = g_zq if rows is None else rows.add_(g_zq)
+            to_codes = scatter(rows) if rows is not None else None
+        if codebook_term is not None:
+            term = scatter(diff).mul_(codebook_term)
+            if ctx.same:
+                to_codes = term if to_codes is None else to_codes.add_(term)
+            else:
+                to_loss_codes = term
+        return g_z, to_codes, to_loss_codes, None, None, None
+
+
 def rotate_onto(z: Tensor, z_q: Tensor, eps: float = 1e-6) -> Tensor:
     """The rotation trick (Fifty et al., ICLR 2025, "Restructuring Vector Quantization with the Rotation
     Trick", section 4.2): ``lambda * R z`` with ``R`` and ``lambda`` treated as constants.
