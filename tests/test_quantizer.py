@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer import GroupVectorQuant, ResidualVectorQuant, VectorQuant
-from tokenizer.estimators import l2_normalize, quantizer_loss, quantizer_output, quantizer_tail
+from tokenizer.estimators import l2_normalize, quantizer_tail
 from tokenizer.fsq import FiniteScalarQuant
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import perplexity
@@ -109,7 +109,8 @@ def test_fused_l2_normalize_equals_f_normalize(eps):
 @pytest.mark.parametrize("codes", ["same", "other", "none"])
 @pytest.mark.parametrize("uses", ["all", "output", "loss", "codes"])
 def test_fused_tail_equals_the_gather_loss_and_output_it_replaces(beta, nu, codes, uses):
-    """quantizer_tail = index_select + quantizer_loss + quantizer_output: values and every gradient
+    """quantizer_tail = its formulas written with autograd (the gather, the two-term loss, the output
+    sg(z_q) + (z - sg(z)) + nu (z_q - sg(z_q)), the per-row distance): values and every gradient
     (encoder, the output's codebook, the loss's codebook when it is the same tensor, another one or none),
     in float64, also when the objective uses only some outputs (then no gradient at all from the others,
     not zeros). "codes" uses the plain gather, as the residual quantizer does."""
@@ -125,16 +126,18 @@ def test_fused_tail_equals_the_gather_loss_and_output_it_replaces(beta, nu, code
         else:
             z_q = c.index_select(0, q)
             zq_loss = {"same": z_q, "other": c2.index_select(0, q), "none": z_q.detach()}[codes]
-            (loss, d), out = quantizer_loss(z, zq_loss, beta), quantizer_output(z, z_q, nu)
+            loss = (1 - beta) * F.mse_loss(z, zq_loss.detach()) + beta * F.mse_loss(z.detach(), zq_loss)
+            d = (z - z_q).detach().square().sum(-1)
+            out = z_q.detach() + (z - z.detach()) + nu * (z_q - z_q.detach())
         terms = {"output": (out * g).sum(), "loss": 0.7 * loss, "codes": (z_q * h).sum()}
         (sum(terms.values()) if uses == "all" else terms[uses]).backward()
         results.append((out.detach(), z_q.detach(), loss.detach(), d, z.grad, c.grad, c2.grad))
-    for old, new in zip(*results):
-        if old is None or new is None:
-            assert old is None and new is None
+    for ref, new in zip(*results):  # autograd gives zeros where a term is weighted by 0; the tail gives none
+        if new is None:
+            assert ref is None or not ref.any()
         else:
-            torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
-    z_grad, codes_grad = results[0][4], results[0][5]  # which gradients exist (not a comparison of Nones)
+            torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+    z_grad, codes_grad = results[1][4], results[1][5]  # the tail's: a gradient exists exactly where one acts
     uses_out, uses_loss, uses_codes = (uses in ("all", k) for k in ("output", "loss", "codes"))
     assert (z_grad is not None) == (uses_out or uses_loss and beta != 1)
     assert (codes_grad is not None) == (uses_out and nu != 0 or uses_codes or uses_loss and codes == "same" and beta != 0)
@@ -142,7 +145,7 @@ def test_fused_tail_equals_the_gather_loss_and_output_it_replaces(beta, nu, code
 
 def test_loss_per_row_distance_is_exact_squared_distance():
     z, z_q = torch.randn(300, 16), torch.randn(300, 16)
-    loss, d = quantizer_loss(z, z_q, 0.25)
+    _, _, loss, d = quantizer_tail(z, z_q, None, torch.arange(300), 0.25)  # codebook = z_q, code i for row i
     torch.testing.assert_close(d, ((z - z_q) ** 2).sum(-1))
     torch.testing.assert_close(loss, F.mse_loss(z, z_q))
 

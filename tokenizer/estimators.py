@@ -44,44 +44,12 @@ class _Estimator(torch.autograd.Function):
         return g, to_codes, None
 
 
-class _QuantizerLoss(torch.autograd.Function):
-    """``(1 - beta) mean((z - sg(z_q))^2) + beta mean((sg(z) - z_q)^2)`` and the per-row squared distance.
-
-    Both terms have the same value, mean((z - z_q)^2); they differ only in where the gradient goes. One
-    difference and one reduction forward, one scaled copy per input backward (instead of two
-    ``mse_loss`` graphs and a third pass for the distances).
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, z_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-        diff = z - z_q  # (N, d)
-        # ||diff||^2 per row: the norm is one vectorized read (on a CPU ~5x faster than vecdot's product)
-        d = torch.linalg.vector_norm(diff, dim=-1).square_()  # (N,)
-        ctx.save_for_backward(diff)
-        ctx.beta = beta
-        ctx.mark_non_differentiable(d)
-        return d.sum() / diff.numel(), d
-
-    @staticmethod
-    def backward(ctx, g_loss: Tensor, _g_d: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:
-        (diff,) = ctx.saved_tensors
-        scale = g_loss * (2.0 / diff.numel())
-        g_z = diff * (scale * (1 - ctx.beta)) if ctx.needs_input_grad[0] and ctx.beta != 1 else None
-        g_zq = diff * (scale * -ctx.beta) if ctx.needs_input_grad[1] and ctx.beta != 0 else None
-        return g_z, g_zq, None
-
-
-def quantizer_loss(z: Tensor, z_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """(loss, d): the VQ loss of ``_QuantizerLoss`` and the squared distance of each row of z to its code
-    (N,), no gradient. z, z_q: (N, d)."""
-    return _QuantizerLoss.apply(z, z_q, float(beta))
-
-
 def quantizer_tail(z: Tensor, codebook: Tensor, loss_codebook: Tensor | None, q: Tensor, beta: float,
                    sync_nu: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gather of the codes, the VQ loss and the straight-through output in one autograd node:
-    ``z_q = codebook[q]``, then ``(quantizer_output(z, z_q, sync_nu), z_q, *quantizer_loss(z, zq_loss,
-    beta))`` with ``zq_loss = loss_codebook[q]``.
+    ``z_q = codebook[q]``, ``out = quantizer_output(z, z_q, sync_nu)`` and, with ``zq_loss =
+    loss_codebook[q]``, ``loss = (1 - beta) mean((z - sg(zq_loss))^2) + beta mean((sg(z) - zq_loss)^2)``:
+    both terms have the value mean((z - z_q)^2) and differ only in where the gradient goes.
 
     z: (N, d); codebook: (K, d), the effective codes; loss_codebook: the codes the codebook term trains
     (``codebook`` itself, another tensor of the same values with another graph, or None for no gradient to
@@ -89,12 +57,12 @@ def quantizer_tail(z: Tensor, codebook: Tensor, loss_codebook: Tensor | None, q:
     straight-through gradients, z_q is the plain gather (its gradient reaches ``codebook`` only; the
     residual quantizer sums the stages' z_q), d the squared distance of each row (no gradient).
 
-    The same values and gradients as the three separate steps (tests/test_quantizer.py compares them in
-    float64) with fewer passes over (N, d) backward: the encoder's gradient ``g + (1 - beta) 2 / numel
+    The same values and gradients as those formulas written with autograd (tests/test_quantizer.py
+    compares them in float64), with fewer passes over (N, d) backward: the encoder's gradient ``g + (1 - beta) 2 / numel
     (z - z_q)`` is one fused update, not a scaled copy that autograd adds to g; the codebook term reaches
     the codes as an index_add of ``z - z_q`` scaled afterwards on the (K, d) result, not a scaled (N, d)
-    copy; and the codes' terms are summed on (K, d). Straight-through only: the rotation trick keeps the
-    separate form.
+    copy; and the codes' terms are summed on (K, d). The rotation trick takes the loss and z_q from here
+    and its output from ``quantizer_output`` (``out`` then unused: no gradient from it).
     """
     return _Tail.apply(z, codebook, loss_codebook, q, float(beta), float(sync_nu))
 
@@ -106,7 +74,8 @@ class _Tail(torch.autograd.Function):
         # index_select, not codebook[q]: the same gather, and faster than advanced indexing
         z_q = codebook.index_select(0, q)  # (N, d); loss_codebook[q] has the same value
         diff = z - z_q
-        d = torch.linalg.vector_norm(diff, dim=-1).square_()  # (N,): one vectorized read, no temporary
+        # ||diff||^2 per row: the norm is one vectorized read (on a CPU ~5x faster than vecdot's product)
+        d = torch.linalg.vector_norm(diff, dim=-1).square_()  # (N,)
         ctx.save_for_backward(diff, q)
         ctx.beta, ctx.nu, ctx.same, ctx.num_codes = beta, nu, loss_codebook is codebook, codebook.shape[0]
         ctx.mark_non_differentiable(d)

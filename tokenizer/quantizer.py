@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from core.errors import UserError
 from core.finite import note_non_finite
 from core.processes import all_reduce_, broadcast_
-from tokenizer.estimators import l2_normalize, quantizer_loss, quantizer_output, quantizer_tail
+from tokenizer.estimators import l2_normalize, quantizer_output, quantizer_tail
 from tokenizer.kmeans import kmeans, nearest_code
 from tokenizer.usage import code_histogram, perplexity
 
@@ -267,15 +267,10 @@ class VectorQuant(nn.Module):
             loss_codebook = self.get_codebook(detach_weight=True)
         else:
             loss_codebook = None
-        if self.rotation_trick:
-            # index_select, not C[q]: its backward is an index_add, many times faster than advanced indexing's
-            z_q = codebook.index_select(0, q)  # (N, d)
-            zq_loss = z_q if loss_codebook is codebook else z_q.detach() if loss_codebook is None \
-                else loss_codebook.index_select(0, q)
-            loss, d = quantizer_loss(z, zq_loss, self.beta)  # both terms have the value mean((z - z_q)^2)
+        # the gather, the VQ loss (both terms have the value mean((z - z_q)^2)) and the straight-through output
+        out, z_q, loss, d = quantizer_tail(z, codebook, loss_codebook, q, self.beta, self.sync_nu)
+        if self.rotation_trick:  # the same value; the encoder's task gradient goes through the rotation instead
             out = quantizer_output(z, z_q, self.sync_nu, rotation_trick=True)
-        else:  # the same gather, loss and straight-through output in one node (fewer passes backward)
-            out, z_q, loss, d = quantizer_tail(z, codebook, loss_codebook, q, self.beta, self.sync_nu)
 
         info = {
             "q": q.view(spatial),
