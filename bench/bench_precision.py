@@ -2,6 +2,7 @@
 
     python bench/bench_precision.py                       # every quantizer kind, seeds 0 1 2, procedural faces
     python bench/bench_precision.py --data ../celeba --kinds vector lfq --steps 300 --seeds 0 1
+    python bench/bench_precision.py --precision fp16      # fp16 autocast with loss scaling (CUDA only)
 
 For every quantizer kind and seed, the tiny tokenizer preset is trained twice with train_tokenizer.py,
 identical except ``optim.mixed_precision`` ("no" vs "bf16"; the same seed is the same data order and
@@ -18,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, t_interval
@@ -52,45 +54,61 @@ def train(kind: str, precision: str, seed: int, a: argparse.Namespace, threads: 
     return json.loads(metrics.read_text())
 
 
+def device() -> str:
+    """Where train_tokenizer.py runs (Accelerate takes the GPU when there is one)."""
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--data", default="procedural", help="image folder / CelebA root, or 'procedural'")
+    p.add_argument("--precision", choices=("bf16", "fp16"), default="bf16",
+                   help="the low precision compared with fp32 (fp16: CUDA only, as Accelerate allows)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once (each its own process; more than 1 on a GPU or a many-core machine)")
     p.add_argument("--out", default="runs/bench_precision")
     p.add_argument("--floor-kinds", nargs="*", default=["vector"], choices=list(KINDS),
                    help="kinds whose fp32 runs are repeated with another thread count (the noise floor column)")
     p.add_argument("args", nargs="*", help="extra key=value overrides for every run (e.g. data.num_images=64)")
     a = p.parse_args()
     other_threads = 2 if os.environ.get("OMP_NUM_THREADS", "") == "1" else 1
-    rows, lines = [], ["| kind | metric | fp32 | bf16 | bf16 - fp32 [95% CI] | goal | met on every seed "
+    low = a.precision
+    rows, lines = [], [f"| kind | metric | fp32 | {low} | {low} - fp32 [95% CI] | goal | met on every seed "
                        f"| noise floor: fp32 with {other_threads} thread(s) - fp32, per seed |",
                        "|---|---|---|---|---|---|---|---|"]
+    tasks = [(kind, prec, s, None) for kind in a.kinds for prec in ("no", low) for s in a.seeds]
+    tasks += [(kind, "no", s, other_threads) for kind in a.kinds if kind in a.floor_kinds for s in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as pool:  # each run is its own process; the threads only wait for them
+        done = dict(zip(tasks, pool.map(lambda t: train(t[0], t[1], t[2], a, threads=t[3]), tasks)))
     for kind in a.kinds:
-        runs = {prec: [train(kind, prec, s, a) for s in a.seeds] for prec in ("no", "bf16")}
+        runs = {prec: [done[kind, prec, s, None] for s in a.seeds] for prec in ("no", low)}
         if kind in a.floor_kinds:
-            runs["floor"] = [train(kind, "no", s, a, threads=other_threads) for s in a.seeds]
+            runs["floor"] = [done[kind, "no", s, other_threads] for s in a.seeds]
         for key, (mode, tol) in GOALS.items():
-            fp32, bf16 = [r[key] for r in runs["no"]], [r[key] for r in runs["bf16"]]
-            diffs = [b - f for b, f in zip(bf16, fp32)]
+            fp32, lowp = [r[key] for r in runs["no"]], [r[key] for r in runs[low]]
+            diffs = [b - f for b, f in zip(lowp, fp32)]
             rel = [d / f for d, f in zip(diffs, fp32)] if mode == "relative" else diffs
             met = all(abs(x) <= tol for x in rel)
             m, lo, hi = t_interval(rel)
             unit = "%" if mode == "relative" else " dB"
             scale = 100 if mode == "relative" else 1
             floor = [(r[key] - f) / (f if mode == "relative" else 1) for r, f in zip(runs.get("floor", []), fp32)]
-            rows.append({"kind": kind, "metric": key, "fp32": fp32, "bf16": bf16, "diff": m, "ci": [lo, hi], "met": met,
+            rows.append({"kind": kind, "metric": key, "fp32": fp32, low: lowp, "diff": m, "ci": [lo, hi], "met": met,
                          "floor": floor})
             ci = f"[{scale * lo:+.2f}, {scale * hi:+.2f}]" if len(diffs) > 1 else "(one seed: no interval)"
-            lines.append(f"| {kind} | {key} | {statistics.fmean(fp32):.3f} | {statistics.fmean(bf16):.3f} | "
+            lines.append(f"| {kind} | {key} | {statistics.fmean(fp32):.3f} | {statistics.fmean(lowp):.3f} | "
                          f"{scale * m:+.2f}{unit} {ci} | "
                          f"within {scale * tol:g}{unit} | {'yes' if met else 'no'} | "
                          + (", ".join(f"{scale * x:+.2f}" for x in floor) + unit if floor else "—") + " |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision.json").write_text(json.dumps({"command": "python bench/bench_precision.py " + " ".join(sys.argv[1:]),
-                                                    "seeds": a.seeds, "steps": a.steps, "rows": rows}, indent=2) + "\n")
+                                                    "precision": low, "device": device(), "seeds": a.seeds, "steps": a.steps,
+                                                    "rows": rows}, indent=2) + "\n")
     print("\n".join(lines))
 
 

