@@ -64,24 +64,18 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     fp32 rounding of ||C||^2; the returned index is then one of two codes that are equally near to
     within ~1e-7 relative, which is harmless. Callers compute the exact distance of the chosen code.
 
-    On a CPU the scores come from one matmul of [z, 1] (N, d + 1) with [-2 C, ||C||^2] (K, d + 1): the
-    bias rides in the product instead of being copied into every chunk's scores first (what ``addmm``
-    does there: a third of the matmul's time at d = 64). Elsewhere ``addmm``, whose bias is fused.
+    The scores of a chunk are one ``addmm`` into a reused buffer. (A CPU-only variant multiplied [z, 1]
+    by [-2 C, ||C||^2] to avoid addmm's copy of the bias; with torch 2.14 on one thread it was never
+    faster and 15 % slower at d = 256, whose inner size 257 the GEMM handles worse: BENCHMARKS.md 1b.)
     The argmin is ``row_argmin``.
     """
     z = z.float()
     codebook = codebook.float()
-    n, (k, d) = z.shape[0], codebook.shape
+    n, k = z.shape[0], codebook.shape[0]
     c_sq = codebook.square().sum(1)  # (K,)
     rows = search_rows(n, k, chunk_elems, cpu=z.device.type == "cpu")
     out = torch.empty(n, dtype=torch.long, device=z.device)
-    augment = z.device.type == "cpu"
-    if augment:
-        cb_t = torch.cat([codebook * -2.0, c_sq[:, None]], 1).t()  # (d + 1, K)
-        z_chunk = torch.empty(rows, d + 1)
-        z_chunk[:, d] = 1.0  # the last column stays 1; the others take each chunk of z
-    else:
-        cb_t = codebook.t()
+    cb_t = codebook.t()
     # One scores buffer for all chunks, written by the matmul (out=) and read by the argmin: a fresh 64 MiB
     # tensor per chunk is a fresh mmap on CPU, whose page faults cost ~1/3 of the search at large K
     # (bench/bench_vq.py).
@@ -89,12 +83,7 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk_elems: int = DEFAULT_CHUNK_E
     for start in range(0, n, rows):
         zc = z[start : start + rows]
         s = scores[: zc.shape[0]]
-        if augment:
-            za = z_chunk[: zc.shape[0]]
-            za[:, :d] = zc
-            torch.mm(za, cb_t, out=s)
-        else:
-            torch.addmm(c_sq, zc, cb_t, beta=1.0, alpha=-2.0, out=s)
+        torch.addmm(c_sq, zc, cb_t, beta=1.0, alpha=-2.0, out=s)
         row_argmin(s, out[start : start + rows])
     return out
 
