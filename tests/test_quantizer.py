@@ -297,8 +297,8 @@ def test_search_chunks_are_cache_sized_on_a_cpu_and_as_large_as_allowed_elsewher
     assert search_rows(16384, 1024, chunk_elems=2**20, cpu=False) == 1024
 
 
-def test_search_on_the_cpu_equals_the_addmm_form():
-    """The CPU search's augmented matmul ([z, 1] x [-2C, ||C||^2]) ranks the codes as the addmm form does."""
+def test_chunked_search_equals_one_addmm_over_all_rows():
+    """The search in chunks of 100 rows (into one reused scores buffer) ranks the codes as one addmm does."""
     torch.manual_seed(13)
     z, c = torch.randn(3000, 32), torch.randn(2048, 32)
     reference = torch.addmm(c.square().sum(1), z, c.t(), beta=1.0, alpha=-2.0).argmin(1)
