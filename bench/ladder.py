@@ -50,6 +50,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -166,12 +167,26 @@ def write_references(folder: str, s: dict, out: Path) -> dict:
     counts = {}
     for split, dataset in sets.items():
         target, n = out / split, min(s["reference"], len(sets["val"]), len(dataset))
-        if not (target / ".done").exists() or (target / ".done").read_text() != str(n):
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
+
+        def done(path: Path = target, n: int = n) -> bool:
+            return (path / ".done").exists() and (path / ".done").read_text() == str(n)
+
+        if not done():
+            # Written in a folder of this process's own, then renamed into place: several ladder copies
+            # started together each write a whole set, and none deletes files another one is writing.
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{split}."))
             for i in range(n):
-                save_image((dataset[i]["image"] + 1) / 2, target / f"{i:05d}.png")
-            (target / ".done").write_text(str(n))
+                save_image((dataset[i]["image"] + 1) / 2, tmp / f"{i:05d}.png")
+            (tmp / ".done").write_text(str(n))
+            if not done():
+                shutil.rmtree(target, ignore_errors=True)  # a set of another size, or left half-written
+                try:
+                    os.rename(tmp, target)
+                except OSError:  # another copy's set landed in between
+                    if not done():
+                        raise
+            shutil.rmtree(tmp, ignore_errors=True)
         counts[split] = n
     return counts
 

@@ -244,6 +244,28 @@ def test_ladder_processes_share_runs_through_locks(tmp_path):
     assert claim(tmp_path) and (tmp_path / ".lock").read_text() == str(__import__("os").getpid())
 
 
+def test_ladder_copies_started_together_write_the_reference_images_once(face_folder, tmp_path):
+    """Two ladder copies that start at the same moment both write the held-out and train reference sets
+    (each in its own folder, renamed into place): both succeed, no set is left half-written or deleted
+    under the other, and a set of another size is replaced."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "reference"
+    (out / "val").mkdir(parents=True)
+    (out / "val" / ".done").write_text("3")  # an older, smaller set
+    code = ("import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from ladder import write_references; "
+            f"print(write_references({str(face_folder)!r}, {{'resolution': 32, 'reference': 8}}, Path({str(out)!r})))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-500:] for r in results]
+    for split in ("val", "train"):
+        assert (out / split / ".done").read_text() == "8"
+        assert sorted(f.name for f in (out / split).glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
+    assert sorted(f.name for f in out.iterdir()) == ["train", "val"]  # no folder of either copy left behind
+
+
 def test_families_bench_one_size(tmp_path):
     pytest.importorskip("vector_quantize_pytorch", reason="the peer is a bench-only dependency (make bench installs it)")
     out = tmp_path / "families.json"
