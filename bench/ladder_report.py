@@ -127,12 +127,13 @@ def budget_table(results: dict, variant: str, label: str) -> list[str]:
     rungs = [r for r in results if "@" not in r and results.get(f"{r}@{variant}")]
     if REFERENCE_RUNG not in rungs:
         return []
-    # both budgets on the same seeds: those run at the longer budget (and at the setting's)
-    runs = {r + b: {k: v for k, v in results[r + b].items() if k in results[r] and k in results[f"{r}@{variant}"]}
-            for r in rungs for b in ("", f"@{variant}")}
+    # every rung on the same seeds, at both budgets: the seeds that all of them have at both (a rung with an
+    # extra seed would otherwise be ranked on another set of seeds than the rest)
+    seeds = set.intersection(*(set(results[r + b]) for r in rungs for b in ("", f"@{variant}")))
+    runs = {r + b: {k: v for k, v in results[r + b].items() if k in seeds} for r in rungs for b in ("", f"@{variant}")}
     means = {b: {r: statistics.fmean(v["swd"] for v in runs[r + b].values()) for r in rungs} for b in ("", f"@{variant}")}
     ranks = {b: {r: i + 1 for i, r in enumerate(sorted(rungs, key=means[b].get))} for b in means}
-    lines = [f"Budget ({label}): the same tokenizers, MaskGIT trained longer, on the seeds run at both budgets; "
+    lines = [f"Budget ({label}): the same tokenizers, MaskGIT trained longer, on the seeds every rung has at both budgets; "
              f"rank 1 = lowest generation SWD; verdicts paired against {LABELS[REFERENCE_RUNG]} at the same budget:", "",
              "| rung | seeds | SWD x1e3 | rank | verdict | SWD x1e3, longer | rank, longer | verdict, longer |",
              "|---|---|---|---|---|---|---|---|"]

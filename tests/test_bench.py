@@ -205,6 +205,11 @@ def test_ladder_budget_variant_pairs_within_its_budget_and_ranks_both():
     assert rows["baseline"] == ["3", "46.00", "2", "worse", "29.17", "1", "better"]
     assert rows["+l2 +replace"] == ["3", "41.00", "1", "reference", "31.00", "2", "reference"]
     assert budget_table({"l2_replace": results["l2_replace"]}, "mg4x", "x") == []  # nothing at the longer budget
+    # a rung with a seed more than the others at the longer budget is ranked on the common seeds only
+    extra = {**results, "baseline@mg4x": runs(28.0, 29.5, 30.0, 10.0)}  # seed3 at both budgets, for baseline only
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in budget_table(extra, "mg4x", "x") if line.startswith("| ")}
+    assert rows["baseline"][:2] == ["3", "46.00"] and rows["baseline"][4] == "29.17"
     # a MaskGIT variant on the same tokenizers: their columns are identical, said so (not "p = 1.000")
     same = {"l2_replace": {"seed0": {"swd": 40.0, "psnr": 22.0}, "seed1": {"swd": 41.0, "psnr": 21.0}},
             "l2_replace@arccos": {"seed0": {"swd": 38.0, "psnr": 22.0}, "seed1": {"swd": 38.5, "psnr": 21.0}}}
