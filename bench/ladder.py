@@ -156,6 +156,11 @@ def data_overrides(folder: str, s: dict) -> list[str]:
             "data.crop=140", "data.cache=true"]
 
 
+def complete(folder: Path, n: int) -> bool:
+    """A reference set of n images written to the end (its ``.done`` marker holds n)."""
+    return (folder / ".done").exists() and (folder / ".done").read_text() == str(n)
+
+
 def write_references(folder: str, s: dict, out: Path) -> dict:
     """Held-out images (the split's val part) and as many train images, as PNGs, written once."""
     from torchvision.utils import save_image
@@ -167,11 +172,7 @@ def write_references(folder: str, s: dict, out: Path) -> dict:
     counts = {}
     for split, dataset in sets.items():
         target, n = out / split, min(s["reference"], len(sets["val"]), len(dataset))
-
-        def done(path: Path = target, n: int = n) -> bool:
-            return (path / ".done").exists() and (path / ".done").read_text() == str(n)
-
-        if not done():
+        if not complete(target, n):
             # Written in a folder of this process's own, then renamed into place: several ladder copies
             # started together each write a whole set, and none deletes files another one is writing.
             out.mkdir(parents=True, exist_ok=True)
@@ -179,12 +180,12 @@ def write_references(folder: str, s: dict, out: Path) -> dict:
             for i in range(n):
                 save_image((dataset[i]["image"] + 1) / 2, tmp / f"{i:05d}.png")
             (tmp / ".done").write_text(str(n))
-            if not done():
+            if not complete(target, n):
                 shutil.rmtree(target, ignore_errors=True)  # a set of another size, or left half-written
                 try:
                     os.rename(tmp, target)
                 except OSError:  # another copy's set landed in between
-                    if not done():
+                    if not complete(target, n):
                         raise
             shutil.rmtree(tmp, ignore_errors=True)
         counts[split] = n
