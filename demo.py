@@ -88,6 +88,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/demo", help="output directory")
     p.add_argument("--scale", default="demo", choices=sorted(SCALES))
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed of both stages (data order, masks, initial weights) and the sampling seed")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="MaskGIT's training precision; auto: bf16 autocast where it pays (see bf16_pays), else fp32. "
                         "The tokenizer trains in fp32 (bf16 was not faster for its small convolutions on a CPU)")
@@ -95,17 +97,18 @@ def main() -> None:
     s, run = SCALES[args.scale], Path(args.run).resolve()
     tok, codes, mg = run / "tokenizer", run / "codes", run / "maskgit"
     t0 = time.time()
-    stage("tokenizer", ["train_tokenizer.py", "--preset", args.scale, "--run-dir", str(tok), "--resume"])
+    seed = f"optim.seed={args.seed}"
+    stage("tokenizer", ["train_tokenizer.py", "--preset", args.scale, "--run-dir", str(tok), "--resume", seed])
     stage("pretokenize", ["pretokenize.py", "--tokenizer", str(tok / "checkpoint.pt"), "--out", str(codes)])
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_pays())
     if args.precision == "auto":
         why = "under bf16 autocast: bf16 matmuls are at least 2x faster" if bf16 else "in fp32: bf16 is not faster"
         print(f"\nMaskGIT trains {why} here (--precision fp32 or bf16 to choose)", flush=True)
     stage("maskgit", ["train_maskgit.py", "--preset", args.scale, "--run-dir", str(mg), "--resume", "--codes", str(codes),
-                      "--tokenizer", str(tok / "checkpoint.pt"), f"optim.mixed_precision={'bf16' if bf16 else 'no'}"])
+                      "--tokenizer", str(tok / "checkpoint.pt"), f"optim.mixed_precision={'bf16' if bf16 else 'no'}", seed])
     stage("sample", ["sample.py", "--tokenizer", str(tok / "checkpoint.pt"), "--maskgit", str(mg / "checkpoint.pt"),
                      "--grid", str(run / "samples_grid.png"), "--grid-size", "64", "--num-images", str(s["samples"]),
-                     "--out-dir", str(run / "samples"), "--overwrite"])
+                     "--out-dir", str(run / "samples"), "--overwrite", "--seed", str(args.seed)])
     have_fid = inception_weights_available()
     if not have_fid:
         print("\nNo Inception weights found: evaluating with SWD (sliced Wasserstein distance), not FID. "
