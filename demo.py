@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 # Sizes per scale; each scale is also the name of both training scripts' preset (tokenizer/train_config.py,
-# transformer/config.py). "demo" takes 8-13 minutes on 2 idle CPU cores (BENCHMARKS.md 6c: 8.1 and 12.9 min measured on two days).
+# transformer/config.py). "demo": BENCHMARKS.md 6c has its time on 2 idle CPU cores.
 SCALES = {
     "demo": dict(samples=1000, ref_images=400, eval_batch=100),
     "smoke": dict(samples=16, ref_images=16, eval_batch=16),

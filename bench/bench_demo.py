@@ -11,15 +11,26 @@ table gives each variant's generation SWD (mean over seeds), its paired differen
 held fixed). A variant is "no worse" when its mean difference is within that spread. Training times
 here are for comparing variants on the same (possibly busy) machine, not the demo's wall time: time
 that with `demo.py` on idle cores. Runs are kept in --out and reused when the command is run again.
+
+    python bench/bench_demo.py --pipeline --before ../old-checkout --seeds 0 1 2 --jobs 2
+
+``--pipeline`` compares two versions of the whole demo instead (e.g. new presets against the previous
+ones): for every seed it runs ``demo.py --seed S`` of this checkout and of ``--before`` (another checkout
+of the project, e.g. ``git worktree add ../old <commit>``), the two of a seed side by side with
+``--jobs 2`` (one thread each), and pairs them by seed: generation SWD, tokenizer PSNR, masked accuracy
+and each side's training and total seconds. "No worse" is the same rule as above, with the spread of
+the ``--before`` seeds (tokenizer and MaskGIT both vary with the seed).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, t_interval
@@ -59,14 +70,91 @@ def variant_seed(demo: Path, name: str, seed: int, out: Path, samples: int) -> d
     return r
 
 
+def demo_seed(checkout: Path, seed: int, run_dir: Path, scale: str, threads: int) -> dict:
+    """One ``demo.py --seed`` of ``checkout`` into ``run_dir`` (reused when it finished before): its numbers."""
+    result = run_dir / "result.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    t = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    p = subprocess.run([sys.executable, checkout / "demo.py", "--run", run_dir, "--seed", str(seed), "--scale", scale],
+                       cwd=checkout, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"bench_demo: demo.py of {checkout}, seed {seed} failed: "
+                         f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+    read = lambda path: json.loads((run_dir / path).read_text())  # noqa: E731
+    tok, mg = read("tokenizer/final_metrics.json"), read("maskgit/final_metrics.json")
+    r = {"swd": read("eval/generation.json")["metrics"]["SWD_x1e3_mean"],
+         "floor_swd": read("eval/floor.json")["metrics"]["SWD_x1e3_mean"], "psnr": tok["psnr"],
+         "perplexity": tok["perplexity"], "val_accuracy": mg["val_accuracy"], "tokenizer_s": tok["wall_seconds"],
+         "maskgit_s": mg["wall_seconds"], "total_s": time.perf_counter() - t, "threads": threads}
+    result.write_text(json.dumps(r) + "\n")
+    print(f"[{run_dir.parent.name} seed {seed}] SWD {r['swd']:.2f}, PSNR {r['psnr']:.2f}, masked acc "
+          f"{r['val_accuracy']:.3f}, {r['total_s']:.0f} s", flush=True)
+    return r
+
+
+def pipeline_table(before: list[dict], after: list[dict], seeds: list[int]) -> tuple[list[str], list[dict]]:
+    """Markdown lines and rows pairing ``after`` with ``before`` seed by seed, one metric per row."""
+    lines = [f"The whole demo, this checkout (after) against --before, paired by seed ({seeds})",
+             "| metric | before (mean) | after (mean) | after - before [95% CI] | before's seed spread (std) | verdict |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for key, lower_better in (("swd", True), ("psnr", False), ("val_accuracy", False), ("tokenizer_s", True),
+                              ("maskgit_s", True), ("total_s", True)):
+        b, a = [r[key] for r in before], [r[key] for r in after]
+        m, lo, hi = t_interval([x - y for x, y in zip(a, b)])
+        spread = statistics.stdev(b) if len(b) > 1 else float("nan")
+        if key.endswith("_s"):
+            verdict = f"{statistics.fmean(a) / statistics.fmean(b):.2f}x the time"
+        else:
+            better = (m <= 0) if lower_better else (m >= 0)
+            verdict = "no worse (better or within the spread)" if better or abs(m) <= spread else "worse"
+        rows.append({"metric": key, "before": b, "after": a, "diff": m, "ci": [lo, hi], "spread": spread,
+                     "verdict": verdict})
+        lines.append(f"| {key} | {statistics.fmean(b):.3f} | {statistics.fmean(a):.3f} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{spread:.3f} | {verdict} |")
+    return lines, rows
+
+
+def pipeline(a: argparse.Namespace) -> None:
+    here, before = ROOT, Path(a.before).resolve()
+    if not (before / "demo.py").exists():
+        raise SystemExit(f"bench_demo: --before {before} is not a checkout of this project (no demo.py)")
+    out = Path(a.out).resolve()
+    threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    jobs = [(side, checkout, seed) for seed in a.seeds for side, checkout in (("before", before), ("after", here))]
+    with ThreadPoolExecutor(a.jobs) as pool:  # the two sides of a seed run together: same machine load
+        done = dict(zip(jobs, pool.map(lambda j: demo_seed(j[1], j[2], out / j[0] / f"seed{j[2]}", a.scale, threads),
+                                       jobs)))
+    res = {side: [done[side, c, s] for side2, c, s in jobs if side2 == side] for side in ("before", "after")}
+    lines, rows = pipeline_table(res["before"], res["after"], a.seeds)
+    (out / "bench_demo_pipeline.json").write_text(json.dumps(
+        {"command": "python bench/bench_demo.py " + " ".join(sys.argv[1:]), "before": str(before), "seeds": a.seeds,
+         "threads_per_run": threads, "runs": res, "rows": rows}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo-run", required=True, help="a finished `python demo.py --run DIR` (its tokenizer, codes, eval/)")
+    p.add_argument("--demo-run", help="a finished `python demo.py --run DIR` (its tokenizer, codes, eval/)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=1000, help="samples per run (the demo draws 1,000)")
     p.add_argument("--out", default="runs/bench_demo")
+    p.add_argument("--pipeline", action="store_true", help="compare the whole demo of this checkout with --before's")
+    p.add_argument("--before", help="--pipeline: another checkout of the project (the previous version)")
+    p.add_argument("--scale", default="demo", help="--pipeline: demo.py's --scale (smoke: the test suite's)")
+    p.add_argument("--jobs", type=int, default=1, help="--pipeline: demo runs at once (threads split between them)")
     a = p.parse_args()
+    if a.pipeline:
+        if not a.before:
+            raise SystemExit("bench_demo: --pipeline needs --before DIR (a checkout of the previous version)")
+        if len(a.seeds) < 2:
+            raise SystemExit("bench_demo: --pipeline pairs by seed: give at least two --seeds")
+        return pipeline(a)
+    if a.demo_run is None:
+        raise SystemExit("bench_demo: --demo-run DIR is required (or --pipeline --before DIR)")
     demo, out = Path(a.demo_run).resolve(), Path(a.out).resolve()
     for need in ("tokenizer/checkpoint.pt", "codes", "eval/reference_val"):
         if not (demo / need).exists():

@@ -457,3 +457,44 @@ def test_inspect_tokenizer_reports_both_weights_and_the_latents_scale(tiny_runs)
     assert r["psnr_raw"] != r["psnr_ema"]  # a 3-step run: the EMA is not the trained weights
     assert r["z_norm"] > 0 and r["code_norm"] == pytest.approx(1.0, rel=1e-4)  # the tiny preset l2-normalizes its codes
     assert 0 <= r["rel_error"] < 4
+
+
+def test_demo_pipeline_bench_pairs_two_checkouts_by_seed(tmp_path):
+    """--pipeline runs demo.py --seed of both checkouts; with the same code on both sides every pair is the same
+    run (so a difference between sides can only come from the code), and the seed reaches the training."""
+    out = tmp_path / "pipeline"
+    run_script(ROOT / "bench/bench_demo.py", "--pipeline", "--before", ROOT, "--scale", "smoke", "--seeds", "0", "1",
+               "--jobs", "2", "--out", out, timeout=900)
+    res = json.loads((out / "bench_demo_pipeline.json").read_text())
+    rows = {r["metric"]: r for r in res["rows"]}
+    assert set(rows) == {"swd", "psnr", "val_accuracy", "tokenizer_s", "maskgit_s", "total_s"}
+    for metric in ("swd", "psnr", "val_accuracy"):
+        assert rows[metric]["before"] == rows[metric]["after"], metric
+        assert rows[metric]["diff"] == 0 and rows[metric]["verdict"].startswith("no worse"), metric
+    for metric in ("swd", "psnr"):
+        assert rows[metric]["before"][0] != rows[metric]["before"][1], metric
+    for side in ("before", "after"):
+        for seed in (0, 1):
+            for stage in ("tokenizer", "maskgit"):
+                cfg = json.loads((out / side / f"seed{seed}" / stage / "config.json").read_text())
+                assert cfg["optim"]["seed"] == seed
+            # the samples are drawn with seed + 1 (the grid with seed): sample.py's record
+            assert json.loads((out / side / f"seed{seed}" / "samples/samples.json").read_text())["seed"] == seed + 1
+
+
+def test_demo_pipeline_verdicts_use_the_before_seeds_spread():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_demo import pipeline_table
+
+    before = [{"swd": v, "psnr": 22.0 + i / 10, "val_accuracy": 0.25, "tokenizer_s": 100.0, "maskgit_s": 200.0,
+               "total_s": 400.0} for i, v in enumerate([50.0, 52.0, 54.0])]  # swd spread (std) 2.0
+    within = [{**r, "swd": r["swd"] + 1.5, "psnr": r["psnr"] - 1.0, "total_s": 200.0} for r in before]
+    _, rows = pipeline_table(before, within, [0, 1, 2])
+    rows = {r["metric"]: r for r in rows}
+    assert rows["swd"]["diff"] == pytest.approx(1.5) and rows["swd"]["verdict"].startswith("no worse")
+    assert rows["psnr"]["verdict"] == "worse"  # psnr: higher is better, 1 dB lower against a spread of 0.1
+    assert rows["total_s"]["verdict"] == "0.50x the time"
+    worse = [{**r, "swd": r["swd"] + 2.5} for r in before]
+    assert {r["metric"]: r for r in pipeline_table(before, worse, [0, 1, 2])[1]}["swd"]["verdict"] == "worse"
