@@ -19,13 +19,16 @@ ones): for every seed it runs ``demo.py --seed S`` of this checkout and of ``--b
 of the project, e.g. ``git worktree add ../old <commit>``), the two of a seed side by side with
 ``--jobs 2`` (one thread each), and pairs them by seed: generation SWD, tokenizer PSNR, masked accuracy
 and each side's training and total seconds. "No worse" is the same rule as above, with the spread of
-the ``--before`` seeds (tokenizer and MaskGIT both vary with the seed).
+the ``--before`` seeds (tokenizer and MaskGIT both vary with the seed). ``--share-tokenizer`` is for a change
+of stage two only: every after run starts from the before run's tokenizer of its seed (only if this checkout
+would train the very same one), so the pairs differ in what follows it; its tokenizer time is the before run's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,6 +120,31 @@ def pipeline_table(before: list[dict], after: list[dict], seeds: list[int]) -> t
     return lines, rows
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    return {k2: v2 for k, v in d.items()
+            for k2, v2 in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+
+def share_tokenizer(before_run: Path, after_run: Path, scale: str, seed: int) -> None:
+    """Start ``after_run`` from ``before_run``'s finished tokenizer (demo.py then resumes past that stage), after
+    checking that this checkout would train exactly that tokenizer (the same stored config)."""
+    from core.config import apply_overrides, to_dict
+    from tokenizer.train_config import PRESETS
+
+    if (after_run / "tokenizer").exists():
+        return
+    stored = json.loads((before_run / "tokenizer" / "config.json").read_text())
+    ours = json.loads(json.dumps(to_dict(apply_overrides(PRESETS[scale], [f"optim.seed={seed}"]))))
+    ours, stored = _flat(ours), _flat(stored)
+    diff = sorted(k for k in ours.keys() | stored.keys() if ours.get(k) != stored.get(k))
+    if diff:
+        raise SystemExit(f"bench_demo: --share-tokenizer: the two checkouts train different tokenizers ({diff[0]}: "
+                         f"{stored.get(diff[0])!r} before, {ours.get(diff[0])!r} here)")
+    after_run.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(before_run / "tokenizer", after_run / "tokenizer")
+
+
 def pipeline(a: argparse.Namespace) -> None:
     here, before = ROOT, Path(a.before).resolve()
     if not (before / "demo.py").exists():
@@ -124,10 +152,19 @@ def pipeline(a: argparse.Namespace) -> None:
     out = Path(a.out).resolve()
     threads = max(1, (os.cpu_count() or 1) // a.jobs)
     jobs = [(side, checkout, seed) for seed in a.seeds for side, checkout in (("before", before), ("after", here))]
-    with ThreadPoolExecutor(a.jobs) as pool:  # the two sides of a seed run together: same machine load
-        done = dict(zip(jobs, pool.map(lambda j: demo_seed(j[1], j[2], out / j[0] / f"seed{j[2]}", a.scale, threads),
-                                       jobs)))
+    run = lambda j: demo_seed(j[1], j[2], out / j[0] / f"seed{j[2]}", a.scale, threads)  # noqa: E731
+    with ThreadPoolExecutor(a.jobs) as pool:
+        if a.share_tokenizer:  # every "before" first; each "after" starts from its seed's tokenizer
+            done = dict(zip(jobs[::2], pool.map(run, jobs[::2])))
+            for seed in a.seeds:
+                share_tokenizer(out / "before" / f"seed{seed}", out / "after" / f"seed{seed}", a.scale, seed)
+            done.update(zip(jobs[1::2], pool.map(run, jobs[1::2])))
+        else:  # the two sides of a seed run together: the same machine load
+            done = dict(zip(jobs, pool.map(run, jobs)))
     res = {side: [done[side, c, s] for side2, c, s in jobs if side2 == side] for side in ("before", "after")}
+    if a.share_tokenizer:  # the after runs resumed a finished tokenizer: their total time is not a demo's
+        for b, r in zip(res["before"], res["after"]):
+            r.update(tokenizer_s=b["tokenizer_s"], total_s=r["total_s"] + b["tokenizer_s"], tokenizer_shared=True)
     lines, rows = pipeline_table(res["before"], res["after"], a.seeds)
     (out / "bench_demo_pipeline.json").write_text(json.dumps(
         {"command": "python bench/bench_demo.py " + " ".join(sys.argv[1:]), "before": str(before), "seeds": a.seeds,
@@ -146,6 +183,9 @@ def main() -> None:
     p.add_argument("--before", help="--pipeline: another checkout of the project (the previous version)")
     p.add_argument("--scale", default="demo", help="--pipeline: demo.py's --scale (smoke: the test suite's)")
     p.add_argument("--jobs", type=int, default=1, help="--pipeline: demo runs at once (threads split between them)")
+    p.add_argument("--share-tokenizer", action="store_true",
+                   help="--pipeline, for a change of stage two only: each after run starts from the before run's "
+                        "tokenizer of its seed (refused unless this checkout would train the same one)")
     a = p.parse_args()
     if a.pipeline:
         if not a.before:
