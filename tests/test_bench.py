@@ -498,3 +498,28 @@ def test_demo_pipeline_verdicts_use_the_before_seeds_spread():
     assert rows["total_s"]["verdict"] == "0.50x the time"
     worse = [{**r, "swd": r["swd"] + 2.5} for r in before]
     assert {r["metric"]: r for r in pipeline_table(before, worse, [0, 1, 2])[1]}["swd"]["verdict"] == "worse"
+
+
+def test_demo_pipeline_shares_a_tokenizer_only_when_this_checkout_would_train_the_same_one(tmp_path):
+    import sys
+
+    from core.config import apply_overrides, to_dict
+    from tokenizer.train_config import PRESETS
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_demo import share_tokenizer
+
+    cfg = to_dict(apply_overrides(PRESETS["smoke"], ["optim.seed=1"]))
+    before = tmp_path / "before" / "seed1"
+    (before / "tokenizer").mkdir(parents=True)
+    (before / "tokenizer" / "checkpoint.pt").write_bytes(b"weights")
+    (before / "tokenizer" / "config.json").write_text(json.dumps(cfg))
+    share_tokenizer(before, tmp_path / "after" / "seed1", "smoke", 1)
+    assert (tmp_path / "after/seed1/tokenizer/checkpoint.pt").read_bytes() == b"weights"
+    with pytest.raises(SystemExit, match=r"train different tokenizers \(optim.seed: 1 before, 2 here\)"):
+        share_tokenizer(before, tmp_path / "after" / "seed2", "smoke", 2)
+    cfg["optim"]["steps"] += 1
+    (before / "tokenizer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match=r"optim.steps"):
+        share_tokenizer(before, tmp_path / "other" / "seed1", "smoke", 1)
+    assert not (tmp_path / "other").exists()
