@@ -79,7 +79,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests
 
-# The whole pipeline at tiny scale on built-in procedural faces (8-13 minutes on 2 CPU cores, BENCHMARKS.md 6c).
+# The whole pipeline at tiny scale on built-in procedural faces (about 9 minutes on 2 CPU cores, BENCHMARKS.md 6c).
 demo: $(STAMP)
 	$(PY) demo.py --run runs/demo
 
