@@ -120,23 +120,18 @@ def pipeline_table(before: list[dict], after: list[dict], seeds: list[int]) -> t
     return lines, rows
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    return {k2: v2 for k, v in d.items()
-            for k2, v2 in (_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
-
-
 def share_tokenizer(before_run: Path, after_run: Path, scale: str, seed: int) -> None:
     """Start ``after_run`` from ``before_run``'s finished tokenizer (demo.py then resumes past that stage), after
     checking that this checkout would train exactly that tokenizer (the same stored config)."""
     from core.config import apply_overrides, to_dict
     from tokenizer.train_config import PRESETS
+    from training.run import flatten
 
     if (after_run / "tokenizer").exists():
         return
     stored = json.loads((before_run / "tokenizer" / "config.json").read_text())
     ours = json.loads(json.dumps(to_dict(apply_overrides(PRESETS[scale], [f"optim.seed={seed}"]))))
-    ours, stored = _flat(ours), _flat(stored)
+    ours, stored = flatten(ours), flatten(stored)
     diff = sorted(k for k in ours.keys() | stored.keys() if ours.get(k) != stored.get(k))
     if diff:
         raise SystemExit(f"bench_demo: --share-tokenizer: the two checkouts train different tokenizers ({diff[0]}: "

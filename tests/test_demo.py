@@ -145,7 +145,7 @@ def test_readme_flags_and_config_keys_exist():
     of a training script (with a value of the right type), every make VARIABLE= is a Makefile variable."""
     from core.config import apply_overrides, to_dict
     from tokenizer.train_config import PRESETS as TOKENIZER_PRESETS
-    from training.run import _flat
+    from training.run import flatten
     from transformer.config import PRESETS as MASKGIT_PRESETS
 
     readme = (ROOT / "README.md").read_text()
@@ -166,7 +166,7 @@ def test_readme_flags_and_config_keys_exist():
             checked += 1
     assert checked >= 15
     presets = (TOKENIZER_PRESETS["tiny"], MASKGIT_PRESETS["tiny"])
-    keys = [set(_flat(to_dict(p))) for p in presets]
+    keys = [set(flatten(to_dict(p))) for p in presets]
     for key, value in re.findall(r"\b((?:model|optim|data|log|loss|masking)\.[\w.]+)=([\w.]*)", readme):
         owners = [p for p, k in zip(presets, keys) if key in k]
         assert owners, key

@@ -32,7 +32,7 @@ class RunError(UserError):
 
 def base_parser(description: str, presets: dict[str, Any], default_preset: str) -> argparse.ArgumentParser:
     """The training scripts' command line; --help lists every config key with the default preset's value."""
-    keys = "\n".join(f"  {k}={v}" for k, v in _flat(to_dict(presets[default_preset])).items())
+    keys = "\n".join(f"  {k}={v}" for k, v in flatten(to_dict(presets[default_preset])).items())
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"config keys (key=value overrides; values of the {default_preset!r} preset, "
                                        f"--print-config shows another preset's):\n{keys}")
@@ -82,18 +82,19 @@ def resolve_config(cls: type[T], preset_cfg: T, overrides: list[str], stored: di
         return apply_overrides(preset_cfg, overrides)
     base = stored_config(cls, stored, source)  # fields newer than the checkpoint take their defaults here
     cfg = apply_overrides(base, overrides)
-    before = _flat(to_dict(base)["model"])
-    changed = sorted(k for k, v in _flat(to_dict(cfg)["model"]).items() if before.get(k) != v)
+    before = flatten(to_dict(base)["model"])
+    changed = sorted(k for k, v in flatten(to_dict(cfg)["model"]).items() if before.get(k) != v)
     if changed:
         raise ConfigError(f"model.{changed[0]}: the model cannot change on --resume (the checkpoint's weights would "
                           f"not fit); start a new run directory instead")
     return cfg
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as dotted keys: {"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

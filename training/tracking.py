@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from core.config import ConfigError
-from training.run import _flat
+from training.run import flatten
 
 TRACKERS = ("none", "tensorboard", "wandb", "aim")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "aim": "aim"}
@@ -37,7 +37,7 @@ def start(accelerator: Any, tracker: str, name: str, config: dict[str, Any]) -> 
     """init_trackers with the run's config flattened to scalars (dotted keys; lists and None as text)."""
     if tracker != "none":
         accelerator.init_trackers(name, config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                                                for k, v in _flat(config).items()})
+                                                for k, v in flatten(config).items()})
 
 
 def log_scalars(accelerator: Any, tracker: str, record: dict[str, Any], step: int) -> None:
