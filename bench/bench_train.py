@@ -3,6 +3,8 @@
     python bench/bench_train.py               # CUDA: CelebA-64 presets, batch 64, bf16 autocast
     python bench/bench_train.py --precision fp32      # the same in fp32 (TF32 matmuls)
     python bench/bench_train.py --quick       # 5 timed steps; on CPU (the default there): small + tiny, batch 32
+    python bench/bench_train.py --compile     # both models' forward under torch.compile (compile time reported)
+    python bench/bench_train.py --channels-last       # the tokenizer's convolutions on NHWC tensors
 
 One training step is what the training scripts do per step, without Accelerate or a data loader
 (inputs are random tensors already on the device; ``bench_loader.py`` measures the loader):
@@ -19,6 +21,12 @@ convolutions, attention through the math kernel; forward + backward) on the real
 the chip's dense peak. The peak comes from ``--peak-tflops`` or, on CUDA, from the table below for the
 precision used; on CPU MFU is left out unless ``--peak-tflops`` is given. Peak memory is
 ``torch.cuda.max_memory_allocated`` (CUDA only). Prints a table, writes JSON.
+
+``--compile`` / ``--channels-last`` answer "does it pay here" for a change the training scripts do not make:
+the FLOPs are counted on the eager model first, then each model's forward is compiled
+(``torch.compile``, default mode; on a CPU it needs a C++ compiler) and the first compiled step is
+timed on its own as ``compile_s``, outside the median; channels-last converts the tokenizer and its
+input batch (MaskGIT has no convolutions). Compare with a run without the flag, one after the other.
 """
 from __future__ import annotations
 
@@ -81,7 +89,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, step, batch, params: int, tokens_per_image: int, a, device, autocast) -> dict:
+def measure(name: str, step, batch, params: int, tokens_per_image: int, a, device, autocast, compile_fn=None) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -91,6 +99,15 @@ def measure(name: str, step, batch, params: int, tokens_per_image: int, a, devic
     with autocast(), FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         step(batch)
     flops = counter.get_total_flops()
+    compile_s = None
+    if compile_fn is not None:  # compiled after the count: the counter sees the eager model's operations
+        compile_fn()
+        sync(device)
+        t = time.perf_counter()
+        with autocast():
+            step(batch)
+        sync(device)
+        compile_s = time.perf_counter() - t
     with autocast():
         for _ in range(a.warmup):
             step(batch)
@@ -106,6 +123,7 @@ def measure(name: str, step, batch, params: int, tokens_per_image: int, a, devic
     peak = peak_tflops(device, a.precision, a.peak_tflops)
     return {
         "stage": name, "params_M": params / 1e6, "batch_size": a.batch_size, "step_s_median": step_s,
+        "compile_s": compile_s,
         "step_s_all": times, "images_per_s": a.batch_size / step_s,
         "tokens_per_s": a.batch_size * tokens_per_image / step_s, "gflop_per_step": flops / 1e9,
         "achieved_tflops": flops / step_s / 1e12, "peak_tflops": peak,
@@ -125,6 +143,8 @@ def main() -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense peak for MFU (default: table)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model's forward (after the FLOP count)")
+    p.add_argument("--channels-last", action="store_true", help="the tokenizer and its input in channels-last layout")
     p.add_argument("--out", default="runs/bench/train.json")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -144,29 +164,42 @@ def main() -> None:
     tok_cfg = tokenizer_preset(a.tokenizer)
     n_tokens = tok_cfg.grid[0] * tok_cfg.grid[1]
     rows = []
+    def compiler(model: torch.nn.Module):  # the forward only: the optimizer, EMA and clipping stay eager
+        def compile_forward() -> None:
+            model.forward = torch.compile(model.forward)
+        return compile_forward if a.compile else None
+
     tok = Trainer(a.tokenizer, device)
     images = torch.rand(a.batch_size, 3, tok_cfg.resolution, tok_cfg.resolution, device=device) * 2 - 1
+    if a.channels_last:
+        tok.model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     rows.append(measure(f"tokenizer ({a.tokenizer})", tok.step, images, sum(q.numel() for q in tok.model.parameters()),
-                        n_tokens, a, device, autocast))
+                        n_tokens, a, device, autocast, compiler(tok.model)))
     del tok
     mg = MaskGITTrainer(a.maskgit, tok_cfg.vq.num_codes, tok_cfg.grid, device)
     codes = torch.randint(0, tok_cfg.vq.num_codes, (a.batch_size, n_tokens), device=device)
-    rows.append(measure(f"MaskGIT ({a.maskgit})", mg.step, codes, mg.model.num_params(), n_tokens, a, device, autocast))
+    rows.append(measure(f"MaskGIT ({a.maskgit})", mg.step, codes, mg.model.num_params(), n_tokens, a, device, autocast,
+                        compiler(mg.model)))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"training throughput on {where}, {a.precision}, batch {a.batch_size}, {n_tokens} tokens/image, "
-          f"median of {a.steps} steps")
-    header = ("stage", "params M", "step ms", "images/s", "tokens/s", "GFLOP/step", "TFLOP/s", "MFU", "peak GiB")
+    variant = "".join(f", {v}" for v, on in (("torch.compile", a.compile), ("channels-last tokenizer", a.channels_last)) if on)
+    print(f"training throughput on {where}, {a.precision}{variant}, batch {a.batch_size}, {n_tokens} tokens/image, "
+          f"median of {a.steps} steps" + (" after the compiling step" if a.compile else ""))
+    header = ("stage", "params M", "step ms", "images/s", "tokens/s", "GFLOP/step", "TFLOP/s", "MFU", "peak GiB",
+              *(("compile s",) if a.compile else ()))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["stage"], f"{r['params_M']:.2f}", f"{1e3 * r['step_s_median']:.1f}", f"{r['images_per_s']:.1f}",
             f"{r['tokens_per_s']:.0f}", f"{r['gflop_per_step']:.1f}", f"{r['achieved_tflops']:.3f}",
             "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %",
-            "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"]) + " |")
+            "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}",
+            *((f"{r['compile_s']:.1f}",) if a.compile else ())]) + " |")
     print("\n".join(lines))
     meta = {"device": where, "precision": a.precision, "batch_size": a.batch_size, "tokenizer": a.tokenizer,
-            "maskgit": a.maskgit, "tokens_per_image": n_tokens, "steps": a.steps, "warmup": a.warmup,
+            "maskgit": a.maskgit, "compile": a.compile, "channels_last": a.channels_last,
+            "tokens_per_image": n_tokens, "steps": a.steps, "warmup": a.warmup,
             "torch": torch.__version__, "platform": platform.platform(),
             "flops": "torch.utils.flop_counter.FlopCounterMode, one training step (forward + backward)"}
     write_result(a.out, {"meta": meta, "rows": rows, "table": lines})

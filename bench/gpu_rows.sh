@@ -10,6 +10,8 @@
 #              autoregressive KV-cache baseline of the same size, bf16;
 #   precision  does low precision keep the codes on CUDA: the tiny tokenizer under bf16 and under fp16
 #              autocast against fp32, paired by seed (bench_precision.py; vector, fsq and lfq, 2 seeds).
+#   compile    (only when named) the train step's bf16 throughput with both models' forward under
+#              torch.compile, compile time apart: does compiling pay on this GPU (it does not on a 2-core CPU).
 #
 #     bash bench/gpu_rows.sh                 # every step; writes runs/bench/gpu/*.json and gpu_rows.md
 #     bash bench/gpu_rows.sh sync train      # some steps (gpu_rows_<steps>.md)
@@ -29,7 +31,8 @@ if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 fi
 STEPS=${*:-sync train vq sampling precision}
 for s in $STEPS; do
-    case $s in sync|train|vq|sampling|precision) ;; *) echo "error: unknown step '$s' (sync train vq sampling precision)" >&2; exit 2;; esac
+    case $s in sync|train|vq|sampling|precision|compile) ;;
+        *) echo "error: unknown step '$s' (sync train vq sampling precision compile)" >&2; exit 2;; esac
 done
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
@@ -66,6 +69,9 @@ if want vq; then
     else
         echo "(VQ layer fp32 on CUDA: bench_vq.py has no --precision flag in this version; not run)" >> "$REPORT"
     fi
+fi
+if want compile; then
+    step 240 "training bf16 compiled" $PY bench/bench_train.py --precision bf16 --compile --out "$OUT/train_bf16_compiled.json"
 fi
 if want sampling; then
     step 150 "sampling bf16" $PY bench/bench_stage_two.py --configs celeba64:celeba64 --precision bf16 --repeats 5 \

@@ -117,6 +117,52 @@ def test_train_bench_counts_flops_and_mfu(tmp_path):
         assert r["gflop_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(64 * r["images_per_s"])
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
         assert r["peak_memory_gib"] is None  # CPU: no allocator peak to report
+        assert r["compile_s"] is None
+
+
+def test_train_bench_channels_last_converts_the_tokenizer_and_counts_the_same_flops(tmp_path):
+    base, nhwc = tmp_path / "base.json", tmp_path / "nhwc.json"
+    common = ("--tokenizer", "tiny", "--maskgit", "smoke", "--batch-size", "2", "--steps", "1", "--warmup", "0")
+    run_script(ROOT / "bench/bench_train.py", *common, "--out", base)
+    run_script(ROOT / "bench/bench_train.py", *common, "--channels-last", "--out", nhwc)
+    base, nhwc = (json.loads(p.read_text()) for p in (base, nhwc))
+    assert nhwc["meta"]["channels_last"] and not base["meta"]["channels_last"]
+    for b, n in zip(base["rows"], nhwc["rows"]):  # the layout changes the kernels, not the work
+        assert n["gflop_per_step"] == pytest.approx(b["gflop_per_step"])
+
+
+def test_train_bench_compiles_after_counting_and_times_the_compiling_step_apart():
+    """--compile: the FLOPs are those of the eager step (counted before compiling), the first compiled step
+    is reported as compile_s and kept out of the median, and the step really runs the compiled forward."""
+    import argparse
+    import sys
+    from contextlib import nullcontext
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_train import measure
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def step(x):
+        calls.append("forward" in vars(model))  # compile_forward sets the instance's forward
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def compile_forward():
+        model.forward = torch.compile(model.forward, backend="eager")  # dynamo without a C++ compiler: fast
+
+    a = argparse.Namespace(warmup=1, steps=2, batch_size=4, precision="fp32", peak_tflops=None)
+    r = measure("toy", step, torch.randn(4, 8), 10, 1, a, torch.device("cpu"), nullcontext, compile_forward)
+    assert calls == [False, True, True, True, True]  # counted eager; then the compiling step, warm-up, 2 timed
+    per_layer = 2 * 4 * 8 * 16  # one (4 x 8) x (8 x 16) matmul, or its transpose
+    # forward: 2 matmuls; backward: both weights' gradients and the second layer's input gradient (x needs none)
+    assert r["gflop_per_step"] * 1e9 == pytest.approx(5 * per_layer)
+    assert r["compile_s"] > 0 and len(r["step_s_all"]) == 2
 
 
 def test_generation_ladder_runs_resumes_and_reports(face_folder, tmp_path):
