@@ -142,7 +142,8 @@ def main() -> None:
 
     cases = [parse_case(c) for c in a.cases] if a.cases else FULL if a.full else QUICK
     reps = a.reps or (5 if a.full else 3)
-    meta = {"device": a.device, "torch": torch.__version__, "threads": a.threads or torch.get_num_threads(),
+    meta = {"device": a.device, "precision": "bf16 autocast" if bench_vq.bf16(a) else "fp32",
+            "torch": torch.__version__, "threads": a.threads or torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "peer": f"vector-quantize-pytorch {version('vector-quantize-pytorch')}", "reps": reps,
             "ours_lfq": LFQ, "peer_lfq": PEER_LFQ, "ours_vq": bench_vq.OURS_KWARGS, "peer_vq": bench_vq.PEER_KWARGS,

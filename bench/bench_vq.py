@@ -3,6 +3,7 @@
     python bench/bench_vq.py            # --quick: a subset, ~3-4 min on 2 busy CPU cores
     python bench/bench_vq.py --full     # N in {16384, 65536} x d in {64, 256} x K in {1024, 16384, 65536}
     python bench/bench_vq.py --device cuda   # bf16 autocast (the quantizers run in fp32 inside)
+    python bench/bench_vq.py --precision bf16   # bf16 autocast on the CPU too (--precision fp32 on CUDA)
 
 Both layers are set up as the same algorithm: Euclidean nearest code, a learnable codebook trained by
 a codebook loss, STE to the input, no EMA, no k-means init, no dead-code replacement, no rotation
@@ -88,12 +89,17 @@ def step(impl: str, vq, z, g, autocast: bool, forward_fn=forward):
     return q
 
 
-def inputs(n: int, d: int, device: str):
-    """z (N, d) as an encoder would hand it over: fp32 on CPU, bf16 (autocast output) on CUDA."""
+def bf16(a: argparse.Namespace) -> bool:
+    """Whether the step runs under bf16 autocast: --precision bf16, or auto (the default) on CUDA."""
+    return a.precision == "bf16" or (a.precision == "auto" and a.device == "cuda")
+
+
+def inputs(n: int, d: int, device: str, low: bool = False):
+    """z (N, d) as an encoder would hand it over: fp32, or bf16 (an autocast output) when ``low``."""
     import torch
 
     gen = torch.Generator().manual_seed(1)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if low else torch.float32
     z = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_(True)
     g = (torch.randn(n, d, generator=gen) / n).to(device)
     return z, g
@@ -124,10 +130,10 @@ def tie_codebooks(layers: dict) -> None:
 def worker_mem(a: argparse.Namespace, build_fn=build, step_fn=step) -> dict:
     import torch
 
-    cuda = a.device == "cuda"
+    cuda, low = a.device == "cuda", bf16(a)
     vq = build_fn(a.impl, a.d, a.k, a.device)
-    step_fn(a.impl, vq, *inputs(256, a.d, a.device), cuda)  # wakes thread pools / allocators, not measured
-    z, g = inputs(a.n, a.d, a.device)
+    step_fn(a.impl, vq, *inputs(256, a.d, a.device, low), low)  # wakes thread pools / allocators, not measured
+    z, g = inputs(a.n, a.d, a.device, low)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -136,7 +142,7 @@ def worker_mem(a: argparse.Namespace, build_fn=build, step_fn=step) -> dict:
         before = proc_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     try:
-        step_fn(a.impl, vq, z, g, cuda)
+        step_fn(a.impl, vq, z, g, low)
     except (RuntimeError, MemoryError) as e:
         if is_oom(e):
             return {"status": "OOM", "error": str(e).splitlines()[0][:200]}
@@ -153,9 +159,9 @@ def worker_time(a: argparse.Namespace, build_fn=build, step_fn=step, tie_fn=tie_
     """Alternate ours / peer repetitions; a layer that fails (OOM) is dropped, the other goes on."""
     import torch
 
-    cuda = a.device == "cuda"
+    cuda, low = a.device == "cuda", bf16(a)
     impls = [i for i in ("ours", "peer") if i not in a.skip]
-    z, g = inputs(a.n, a.d, a.device)
+    z, g = inputs(a.n, a.d, a.device, low)
     layers, result = {}, {}
     for impl in impls:
         layers[impl] = build_fn(impl, a.d, a.k, a.device)
@@ -170,7 +176,7 @@ def worker_time(a: argparse.Namespace, build_fn=build, step_fn=step, tie_fn=tie_
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             try:
-                q = step_fn(impl, layers[impl], z, g, cuda)
+                q = step_fn(impl, layers[impl], z, g, low)
             except (RuntimeError, MemoryError) as e:
                 if not is_oom(e):
                     raise
@@ -194,7 +200,7 @@ def worker_time(a: argparse.Namespace, build_fn=build, step_fn=step, tie_fn=tie_
 # ---- the driver ----------------------------------------------------------------------------------
 def run_worker(args: argparse.Namespace, extra: list[str], timeout: float, script: str = __file__) -> dict:
     """Run ``script --worker ...`` (this file by default) in a fresh process; its last stdout line is JSON."""
-    cmd = [sys.executable, str(Path(script).resolve()), "--device", args.device,
+    cmd = [sys.executable, str(Path(script).resolve()), "--device", args.device, "--precision", args.precision,
            "--mem-limit-gib", str(args.mem_limit_gib), *extra]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -217,6 +223,9 @@ def add_measurement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-limit-gib", type=float, default=8.0,
                    help="CPU: address-space budget of each subprocess above torch's own mappings")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16: the step under bf16 autocast with a bf16 input (the quantizers' math stays fp32 inside); "
+                        "auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--worker", choices=("time", "mem"), help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("ours", "peer"), help=argparse.SUPPRESS)
     p.add_argument("--skip", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -252,7 +261,7 @@ def main() -> None:
         cases = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes]
     reps = a.reps or (5 if a.full else 3)
     meta = {
-        "device": a.device, "dtype": "z bf16 under bf16 autocast (quantizer math fp32)" if a.device == "cuda" else "fp32",
+        "device": a.device, "dtype": "z bf16 under bf16 autocast (quantizer math fp32)" if bf16(a) else "fp32",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "peer": f"vector-quantize-pytorch {version('vector-quantize-pytorch')}",
         "peer_kwargs": PEER_KWARGS, "ours_kwargs": OURS_KWARGS, "reps": reps,

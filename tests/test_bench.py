@@ -75,14 +75,46 @@ def test_ablation_two_variants(face_folder, tmp_path):
     assert (runs / "codes_used.png").stat().st_size > 0
 
 
-def test_vq_bench_one_size(tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_vq_bench_one_size(tmp_path, precision):
     pytest.importorskip("vector_quantize_pytorch", reason="the peer is a bench-only dependency (make bench installs it)")
     out = tmp_path / "vq.json"
-    run_script(ROOT / "bench/bench_vq.py", "--sizes", "256x16x64", "--reps", "1", "--out", out)
-    (row,) = json.loads(out.read_text())["rows"]
+    run_script(ROOT / "bench/bench_vq.py", "--sizes", "256x16x64", "--reps", "1", "--precision", precision, "--out", out)
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
     assert (row["n"], row["d"], row["k"]) == (256, 16, 64)
     assert row["ours"]["status"] == "ok" and row["peer"]["status"] == "ok"
-    assert row["index_agreement"] > 0.99  # both layers pick the same nearest codes
+    assert ("bf16" in result["meta"]["dtype"]) == (precision == "bf16")  # auto on a CPU: fp32
+    # both layers pick the same nearest codes (in bf16 the peer's distances are rounded: a few differ)
+    assert row["index_agreement"] > (0.99 if precision == "auto" else 0.9)
+
+
+def test_vq_bench_precision_sets_the_input_dtype_and_autocast():
+    """--precision reaches the measured step (without the peer: our layer alone): bf16 gives a bf16 input
+    under autocast, fp32 neither, auto follows the device."""
+    import argparse
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_vq
+
+    seen = set()
+
+    def step(impl, vq, z, g, autocast):
+        seen.add((z.dtype, autocast))
+        return bench_vq.step(impl, vq, z, g, autocast)
+
+    for precision, expected in (("auto", (torch.float32, False)), ("fp32", (torch.float32, False)),
+                                ("bf16", (torch.bfloat16, True))):
+        seen.clear()
+        a = argparse.Namespace(device="cpu", precision=precision, skip=["peer"], reps=1, n=64, d=8, k=16)
+        result = bench_vq.worker_time(a, step_fn=step)
+        assert result["ours"]["status"] == "ok" and "peer" not in result
+        assert seen == {expected}
+    assert bench_vq.bf16(argparse.Namespace(device="cuda", precision="auto"))
+    assert not bench_vq.bf16(argparse.Namespace(device="cuda", precision="fp32"))
 
 
 def test_vqtorch_bench_measures_ours_and_the_floor(tmp_path):
