@@ -36,6 +36,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch  # noqa: E402
 from bench_loader import Trainer  # noqa: E402
@@ -82,6 +83,11 @@ class MaskGITTrainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+
+def compile_forward(model: torch.nn.Module) -> None:
+    """--compile: the model's forward under torch.compile; the optimizer, EMA and clipping stay eager."""
+    model.forward = torch.compile(model.forward)
 
 
 def sync(device: torch.device) -> None:
@@ -164,23 +170,18 @@ def main() -> None:
     tok_cfg = tokenizer_preset(a.tokenizer)
     n_tokens = tok_cfg.grid[0] * tok_cfg.grid[1]
     rows = []
-    def compiler(model: torch.nn.Module):  # the forward only: the optimizer, EMA and clipping stay eager
-        def compile_forward() -> None:
-            model.forward = torch.compile(model.forward)
-        return compile_forward if a.compile else None
-
     tok = Trainer(a.tokenizer, device)
     images = torch.rand(a.batch_size, 3, tok_cfg.resolution, tok_cfg.resolution, device=device) * 2 - 1
     if a.channels_last:
         tok.model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     rows.append(measure(f"tokenizer ({a.tokenizer})", tok.step, images, sum(q.numel() for q in tok.model.parameters()),
-                        n_tokens, a, device, autocast, compiler(tok.model)))
+                        n_tokens, a, device, autocast, partial(compile_forward, tok.model) if a.compile else None))
     del tok
     mg = MaskGITTrainer(a.maskgit, tok_cfg.vq.num_codes, tok_cfg.grid, device)
     codes = torch.randint(0, tok_cfg.vq.num_codes, (a.batch_size, n_tokens), device=device)
     rows.append(measure(f"MaskGIT ({a.maskgit})", mg.step, codes, mg.model.num_params(), n_tokens, a, device, autocast,
-                        compiler(mg.model)))
+                        partial(compile_forward, mg.model) if a.compile else None))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     variant = "".join(f", {v}" for v, on in (("torch.compile", a.compile), ("channels-last tokenizer", a.channels_last)) if on)
